@@ -1,31 +1,71 @@
 """Dora node `dora-primespeech-mlx`: the drop-in replacement for dora-primespeech.
 
-This is the only module that imports `dora`. The node is a thin loop over the engine
-(`dora_primespeech_mlx.engine`), which lands with issues 9 and 11; until then `main()` refuses to
-start with a message that says so, instead of pretending to synthesise.
+The only module that imports `dora`. A thin loop: events go to `TTSService` (node_service.py), whose
+worker thread synthesises; outputs are sent from this thread, which owns the node.
+Works with dora-rs 0.3.12 (mofa-studio's pin) and 1.x: on both a timed-out `next()` is an `ERROR`
+event mentioning a timeout, and `None` means the event stream has ended.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import logging
 import sys
 
+from .node_service import NodeConfig, TTSService
 
-def engine_available() -> bool:
-    return importlib.util.find_spec("dora_primespeech_mlx.engine") is not None
+POLL_SECONDS = 0.02  # how often outputs of the worker are flushed while no input arrives
+
+
+def make_engine(config: NodeConfig):
+    """The real engine; imported here so a missing or broken engine is an init error, not a crash."""
+    from .engine import Engine
+
+    return Engine(config.model_dir, use_ane=config.use_ane)
+
+
+def _is_timeout(event: dict) -> bool:
+    return event.get("type") == "ERROR" and "timeout" in str(event.get("error", "")).lower()
+
+
+def run(node, service: TTSService) -> int:
+    """Event loop over any object with dora's `next(timeout=)` and `send_output`."""
+    send = node.send_output
+    inputs_open = True
+    while inputs_open:
+        service.drain(send)
+        event = node.next(timeout=POLL_SECONDS)
+        if event is None:  # the event stream has ended
+            break
+        if _is_timeout(event):
+            continue
+        kind = event.get("type")
+        if kind == "INPUT":
+            if event["id"] == "text":
+                service.handle_text(event["value"], event.get("metadata"))
+            elif event["id"] == "control":
+                service.handle_control(event["value"])
+        elif kind == "STOP":
+            # STOP with id ALL_INPUTS_CLOSED ends normally (finish queued texts); a real stop cancels
+            inputs_open = False
+            if event.get("id") != "ALL_INPUTS_CLOSED":
+                service.cancel_all()
+        elif kind == "ERROR":
+            service.log("WARNING", f"dora reported an error event: {event.get('error')}")
+    service.wait_idle(timeout=24 * 3600)
+    service.close()
+    service.drain(send)
+    return 0
 
 
 def main() -> int:
-    if not engine_available():
-        print(
-            "dora-primespeech-mlx: the synthesis engine is not part of this build yet "
-            "(dora_primespeech_mlx.engine is missing); the node cannot start.",
-            file=sys.stderr,
-        )
-        return 2
-    from .engine import run_node  # type: ignore[attr-defined]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    from dora import Node
 
-    return run_node()
+    config = NodeConfig.from_env()
+    node = Node()
+    service = TTSService(config, make_engine)  # warm-up: engine and startup voice before the loop
+    return run(node, service)
 
 
 if __name__ == "__main__":

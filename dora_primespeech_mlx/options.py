@@ -1,0 +1,63 @@
+"""Per-call synthesis options and the audio the engine yields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SAMPLE_RATE = 32000
+
+
+@dataclass(frozen=True)
+class SynthesisOptions:
+    """Options for one synthesis call. `None` means "the voice's (or upstream's) default".
+
+    Defaults are what dora-primespeech effectively runs with (interface doc 4.3): top_k 5, top_p 1,
+    temperature 1, repetition penalty 1.35, seed 233333, SoVITS noise scale 0.5.
+    """
+
+    top_k: int = 5
+    top_p: float = 1.0
+    temperature: float = 1.0
+    repetition_penalty: float = 1.35
+    noise_scale: float = 0.5
+    speed: float | None = None  # None: the voice's speed_factor
+    seed: int | None = 233333
+    fragment_interval: float | None = None  # seconds of silence after each sentence; None: 0.07
+    text_lang: str | None = None  # None: the voice's text_lang
+    max_new_tokens: int | None = None  # per sentence; None: upstream's cap
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k}: must be >= 1")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature}: must be > 0")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty}: must be > 0")
+        if self.noise_scale < 0:
+            raise ValueError(f"noise_scale={self.noise_scale}: must be >= 0")
+        if self.speed is not None and self.speed <= 0:
+            raise ValueError(f"speed={self.speed}: must be > 0")
+        if self.fragment_interval is not None and self.fragment_interval < 0:
+            raise ValueError(f"fragment_interval={self.fragment_interval}: must be >= 0")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
+
+
+@dataclass
+class AudioChunk:
+    """A piece of synthesised audio: float32 mono in [-1, 1] plus where it belongs and what it cost."""
+
+    audio: np.ndarray
+    sample_rate: int = SAMPLE_RATE
+    sentence_index: int = 0
+    chunk_index: int = 0
+    is_final: bool = False
+    timings: dict[str, float] = field(default_factory=dict)  # seconds, per stage
+
+    @property
+    def duration(self) -> float:
+        return float(len(self.audio)) / float(self.sample_rate)

@@ -285,8 +285,12 @@ class TTSService:
         except Exception as exc:  # noqa: BLE001 - the node stays alive and reports the cause
             self.engine = None
             self.init_error = f"{type(exc).__name__}: {exc}"
-            self.log("ERROR", f"engine initialisation failed: {self.init_error}. Check PRIMESPEECH_MODEL_DIR="
-                              f"{self.config.model_dir} (it must contain moyoyo/ with the voice files).")
+            if isinstance(exc, ImportError):
+                fix = "the installation is incomplete: reinstall dora-primespeech-mlx in the node's Python"
+            else:
+                fix = (f"check PRIMESPEECH_MODEL_DIR={self.config.model_dir} (it must contain moyoyo/ with "
+                       f"the voice files) and VOICE_NAME={self.config.voice_name!r}")
+            self.log("ERROR", f"engine initialisation failed: {self.init_error}; {fix}")
             self.status("error")
             return
         self.log("INFO", f"ready: voice {voice.id!r} prepared in {time.perf_counter() - t0:.2f} s")

@@ -66,23 +66,67 @@ def main() -> int:
     missing = [f"{desc} ({mod})" for mod, desc in STAGES.items() if importlib.util.find_spec(mod) is None]
     if missing:
         print(BANNER)
-        print("The dataflow cannot synthesise yet. Missing:")
+        print("The engine is not complete yet; the node will answer each text with an error. Missing:")
         for m in missing:
             print(f"  - {m}")
-        print(f"Ran as far as what exists: model directory, voice registry, checkpoint reading "
-              f"({time.perf_counter() - t0:.1f} s).")
-        print(BANNER)
-        return 0
-    out_dir = ROOT / "out" / "demo"
+        print(BANNER, flush=True)
+    out_dir = Path(os.environ.get("DEMO_OUT_DIR") or ROOT / "out" / "demo")
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     env = dict(os.environ, PRIMESPEECH_MODEL_DIR=str(model_dir), DEMO_OUT_DIR=str(out_dir))
+    if smoke:
+        # random weights almost never emit EOS: cap tokens so each text stays a few seconds
+        env.setdefault("DEMO_MAX_NEW_TOKENS", "50")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    subprocess.run(["dora", "run", str(ROOT / "dataflows" / "demo.yml")], check=True, env=env)
-    summary = out_dir / "summary.json"
-    if summary.exists():
-        print(summary.read_text())
+    t_run = time.perf_counter()
+    proc = subprocess.run([str(Path(sys.executable).parent / "dora"), "run", str(ROOT / "dataflows" / "demo.yml")],
+                          env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t_run
+    (out_dir / "dora_run.log").write_text(proc.stdout + proc.stderr)
+    summary = summarise(out_dir, wall, model_dir, smoke, missing)
+    (out_dir / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=1))
+    print_summary(summary)
+    if proc.returncode != 0:
+        print(f"dora run exited with {proc.returncode}; see {out_dir / 'dora_run.log'}")
+        return proc.returncode
     return 0
+
+
+def summarise(out_dir: Path, wall: float, model_dir: Path, smoke: bool, missing: list[str]) -> dict:
+    sent = json.loads((out_dir / "sent.json").read_text()) if (out_dir / "sent.json").exists() else []
+    events = json.loads((out_dir / "events.json").read_text()) if (out_dir / "events.json").exists() else []
+    texts = []
+    for item in sent:
+        qid = item["question_id"]
+        audio = [e for e in events if e["input"] == "audio" and e["metadata"].get("question_id") == qid]
+        errors = [e["metadata"].get("error") for e in events
+                  if e["input"] == "segment_complete" and e["metadata"].get("question_id") == qid
+                  and e["value"] == ["error"]]
+        first = min((e["at"] for e in audio), default=None)
+        texts.append({
+            "question_id": qid, "text": item["text"], "status": item.get("status"),
+            "wavs": [e["wav"] for e in audio], "audio_seconds": round(sum(e["samples"] for e in audio) / 32000, 3),
+            "first_audio_s": round(first - item["sent_at"], 3) if first else None,
+            "completed_s": round(item["completed_at"] - item["sent_at"], 3) if "completed_at" in item else None,
+            "error": errors[0] if errors else None,
+        })
+    return {"model_dir": str(model_dir), "smoke_voice": smoke, "missing_stages": missing,
+            "dora_run_seconds": round(wall, 2), "out_dir": str(out_dir), "texts": texts}
+
+
+def print_summary(summary: dict) -> None:
+    print(BANNER)
+    print(f"demo dataflow finished in {summary['dora_run_seconds']} s; outputs in {summary['out_dir']}")
+    for t in summary["texts"]:
+        line = f"  [{t['question_id']}] {t['status']:<10} audio {t['audio_seconds']:>6.2f} s"
+        if t["first_audio_s"] is not None:
+            line += f"  first audio {t['first_audio_s']:.2f} s  done {t['completed_s']:.2f} s  {', '.join(t['wavs'])}"
+        elif t["error"]:
+            line += f"  error: {t['error'][:90]}"
+        print(line)
+    if summary["smoke_voice"]:
+        print("SMOKE VOICE: these WAVs are noise from random weights, not speech.")
+    print(BANNER)
 
 
 if __name__ == "__main__":

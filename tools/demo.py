@@ -76,7 +76,7 @@ def main() -> int:
     env = dict(os.environ, PRIMESPEECH_MODEL_DIR=str(model_dir), DEMO_OUT_DIR=str(out_dir))
     if smoke:
         # random weights almost never emit EOS: cap tokens so each text stays a few seconds
-        env.setdefault("DEMO_MAX_NEW_TOKENS", "50")
+        env.setdefault("MAX_NEW_TOKENS", "50")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     t_run = time.perf_counter()
     proc = subprocess.run([str(Path(sys.executable).parent / "dora"), "run", str(ROOT / "dataflows" / "demo.yml")],

@@ -1,0 +1,127 @@
+"""Sampling for the t2s GPT: small composable filters in upstream GPT-SoVITS's exact order.
+
+Upstream (`AR/models/utils.py logits_to_probs` + `sample`, gptsovits_architecture.md 2.6):
+
+1. repetition penalty on every id seen so far (prompt codes included), once per unique id:
+   `s * rp` if `s < 0` else `s / rp`;
+2. top-p on the penalised logits (before temperature): drop sorted entries whose cumulative
+   probability exceeds `top_p`, always keeping the best one;
+3. temperature: `logits / max(temperature, 1e-5)`;
+4. top-k: keep logits `>=` the k-th largest (ties kept);
+5. softmax;
+6. draw by an exponential race, `argmax(probs / q)` with `q ~ Exp(1)`, which is a multinomial draw.
+
+All functions take and return logits of shape (B, V) (float32). The EOS mask of the first decode
+steps is a separate filter (`mask_token`) because it depends on the step index.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import mlx.core as mx
+
+__all__ = [
+    "apply_repetition_penalty",
+    "mask_token",
+    "apply_top_p",
+    "apply_temperature",
+    "apply_top_k",
+    "logits_to_probs",
+    "exponential_race",
+    "make_sampler",
+    "seen_mask",
+]
+
+_NEG_INF = float("-inf")
+
+
+def seen_mask(tokens: mx.array, vocab_size: int) -> mx.array:
+    """Boolean (V,) mask of the ids present in `tokens` (any shape)."""
+    flat = tokens.reshape(-1).astype(mx.int32)
+    mask = mx.zeros((vocab_size,), dtype=mx.bool_)
+    if flat.size == 0:
+        return mask
+    # duplicate ids write the same value: the penalty is per unique id, as upstream's scatter
+    mask[flat] = True
+    return mask
+
+
+def apply_repetition_penalty(logits: mx.array, seen: mx.array, penalty: float) -> mx.array:
+    """Penalise the columns where `seen` (V,) is true: `s * p` if `s < 0` else `s / p`."""
+    if penalty == 1.0:
+        return logits
+    penalised = mx.where(logits < 0, logits * penalty, logits / penalty)
+    return mx.where(seen, penalised, logits)
+
+
+def mask_token(logits: mx.array, token_id: int) -> mx.array:
+    """Set one column to -inf (upstream drops the EOS column for the first steps; same probabilities)."""
+    column = mx.arange(logits.shape[-1]) == token_id
+    return mx.where(column, mx.array(_NEG_INF, dtype=logits.dtype), logits)
+
+
+def apply_top_p(logits: mx.array, top_p: float) -> mx.array:
+    """Nucleus filter; a no-op unless `top_p < 1.0`. Applied before temperature, like upstream."""
+    if top_p is None or top_p >= 1.0:
+        return logits
+    order = mx.argsort(-logits, axis=-1)  # descending
+    sorted_logits = mx.take_along_axis(logits, order, axis=-1)
+    cum = mx.cumsum(mx.softmax(sorted_logits, axis=-1, precise=True), axis=-1)
+    first = mx.arange(logits.shape[-1]) == 0
+    remove_sorted = mx.logical_and(cum > top_p, mx.logical_not(first))  # always keep the best one
+    remove = mx.put_along_axis(mx.zeros(logits.shape, dtype=mx.bool_), order, remove_sorted, axis=-1)
+    return mx.where(remove, mx.array(_NEG_INF, dtype=logits.dtype), logits)
+
+
+def apply_temperature(logits: mx.array, temperature: float) -> mx.array:
+    """`logits / max(temperature, 1e-5)`."""
+    return logits / max(float(temperature), 1e-5)
+
+
+def apply_top_k(logits: mx.array, top_k: int | None) -> mx.array:
+    """Keep logits `>=` the k-th largest (ties kept); `None` or `k <= 0` keeps everything."""
+    if top_k is None or top_k <= 0:
+        return logits
+    k = min(int(top_k), logits.shape[-1])
+    pivot = mx.min(mx.topk(logits, k, axis=-1), axis=-1, keepdims=True)
+    return mx.where(logits < pivot, mx.array(_NEG_INF, dtype=logits.dtype), logits)
+
+
+def logits_to_probs(
+    logits: mx.array,
+    *,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    temperature: float = 1.0,
+) -> mx.array:
+    """Already-penalised logits (B, V) -> probabilities (B, V): top-p, temperature, top-k, softmax."""
+    logits = apply_top_p(logits, top_p)
+    logits = apply_temperature(logits, temperature)
+    logits = apply_top_k(logits, top_k)
+    return mx.softmax(logits, axis=-1, precise=True)
+
+
+def exponential_race(probs: mx.array, key: mx.array | None = None) -> mx.array:
+    """One draw per row of `probs` (B, V): `argmax(probs / q)`, `q ~ Exp(1)` i.i.d. -> (B,) int32."""
+    u = mx.random.uniform(shape=probs.shape, key=key)
+    q = -mx.log(u)  # u in [0, 1): q in (0, inf], so probs / q never divides by zero
+    return mx.argmax(probs / q, axis=-1).astype(mx.int32)
+
+
+def make_sampler(
+    *, top_k: int | None = 5, top_p: float = 1.0, temperature: float = 1.0
+) -> Callable[[mx.array, mx.array | None], mx.array]:
+    """A `sampler(penalised_logits (B, V), key) -> tokens (B,)` with upstream's filter order.
+
+    `top_k == 1` short-cuts to the argmax: upstream's draw over a one-hot distribution picks the
+    same token whatever the random numbers are.
+    """
+    if top_k == 1:
+        return lambda logits, key=None: mx.argmax(logits, axis=-1).astype(mx.int32)
+
+    def sampler(logits: mx.array, key: mx.array | None = None) -> mx.array:
+        probs = logits_to_probs(logits, top_k=top_k, top_p=top_p, temperature=temperature)
+        return exponential_race(probs, key)
+
+    return sampler

@@ -12,7 +12,7 @@ from .symbols import symbols
 
 __all__ = ["clean_text", "SUPPORTED_LANGUAGES"]
 
-SUPPORTED_LANGUAGES = ("zh",)
+SUPPORTED_LANGUAGES = ("zh", "en")
 _SYMBOL_SET = frozenset(symbols)
 # (mark, pause symbol): checked in this order, only the first present one applies
 _SPECIAL_MARKS = (("￥", "SP2"), ("^", "SP3"))
@@ -23,7 +23,7 @@ def clean_text(text: str, language: str = "zh") -> tuple[list[str], list[int] | 
 
     Args:
         text: the segment (any Unicode; unsupported characters are dropped by normalisation).
-        language: ``"zh"`` (Mandarin). Other languages are not implemented yet.
+        language: ``"zh"`` (Mandarin) or ``"en"``. Other languages are not implemented yet.
 
     Returns:
         ``(phones, word2ph, norm_text)``: phone symbols from the v2 table (ids via
@@ -36,6 +36,10 @@ def clean_text(text: str, language: str = "zh") -> tuple[list[str], list[int] | 
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be str, got {type(text).__name__}")
+    if language == "en":
+        from .english import clean_text_en  # imported late: the English G2P loads its dictionaries
+
+        return clean_text_en(text)
     if language not in SUPPORTED_LANGUAGES:
         raise ValueError(f"language {language!r} is not supported by this frontend; use one of {SUPPORTED_LANGUAGES}")
     try:

@@ -9,6 +9,11 @@ a hanzi, 1 for a punctuation mark).
 jieba replaces upstream's jieba_fast (same dictionary, same HMM tables; tests/test_text_zh.py
 checks the outputs agree). A private tokenizer is used so that words other code adds to jieba's
 global dictionary cannot change our pronunciations.
+
+With a G2PW resolver installed (:func:`set_polyphone_resolver`, normally through
+:func:`.g2pw.configure_g2pw`), readings come from dora-primespeech's g2pW model instead: upstream's
+``is_g2pw`` branch, one model pass per segment, then the phrase dictionary; sandhi, erhua and the
+phone table are shared.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from .tone_sandhi import ToneSandhi
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["text_normalize", "g2p"]
+__all__ = ["g2p", "set_polyphone_resolver", "text_normalize"]
 
 # CJK punctuation (and a few ASCII marks) → the six marks the model knows
 _PUNCT_MAP = {
@@ -121,14 +126,31 @@ def _to_phones(initial: str, final: str) -> list[str]:
     return [sym_initial, sym_final + tone]
 
 
+_polyphones = None  # a .g2pw.G2PW, or None for pypinyin's readings
+
+
+def set_polyphone_resolver(resolver) -> None:
+    """Take Chinese readings from ``resolver`` (a :class:`.g2pw.G2PW`), or from pypinyin with None."""
+    global _polyphones
+    _polyphones = resolver
+
+
 def _g2p_segment(seg: str, phones: list[str], word2ph: list[int]) -> None:
     posseg, sandhi = _jieba()
     words = sandhi.pre_merge_for_modify([(p.word, p.flag) for p in posseg.lcut(seg)])
+    resolver = _polyphones
+    # g2pW reads the whole segment at once (context decides); words then take their slice
+    readings = None if resolver is None else resolver.lazy_pinyin(seg)
+    end = 0
     for word, pos in words:
+        start, end = end, end + len(word)
         if pos == "eng":
             continue
-        initials = lazy_pinyin(word, neutral_tone_with_five=True, style=Style.INITIALS)
-        finals = lazy_pinyin(word, neutral_tone_with_five=True, style=Style.FINALS_TONE3)
+        if readings is None:
+            initials = lazy_pinyin(word, neutral_tone_with_five=True, style=Style.INITIALS)
+            finals = lazy_pinyin(word, neutral_tone_with_five=True, style=Style.FINALS_TONE3)
+        else:
+            initials, finals = resolver.initials_finals(word, readings[start:end])
         finals = sandhi.modified_tone(word, pos, finals)
         initials, finals = _merge_erhua(initials, finals, word, pos)
         for c, v in zip(initials, finals):

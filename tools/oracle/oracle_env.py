@@ -81,8 +81,17 @@ def _run(cmd: list[str], **kw) -> None:
     subprocess.run(cmd, check=True, **kw)
 
 
+def external_python() -> Path | None:
+    """An existing python with torch, transformers and gpt-sovits-cpufast (e.g. on a GPU machine
+    that cannot reach PyPI), named by $DORA_PRIMESPEECH_MLX_ORACLE_PYTHON."""
+    value = os.environ.get("DORA_PRIMESPEECH_MLX_ORACLE_PYTHON")
+    return Path(value) if value else None
+
+
 def ensure_venv() -> Path:
     """Create the oracle virtualenv once; return its python."""
+    if external_python() is not None:
+        return external_python()
     venv = venv_dir()
     python = venv / "bin" / "python"
     if (venv / ".complete").exists():
@@ -108,7 +117,7 @@ def ensure_venv() -> Path:
 
 
 def fixtures_dir(seed: int = DEFAULT_SEED) -> Path:
-    key = _key(BUILDER.read_text(), TORCH, TRANSFORMERS, ORACLE_PKG, str(seed))
+    key = _key(BUILDER.read_text(), TORCH, TRANSFORMERS, ORACLE_PKG, str(seed), str(external_python() or ""))
     return cache_root() / "fixtures" / f"v2-seed{seed}-{key}"
 
 

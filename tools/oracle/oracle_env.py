@@ -34,7 +34,7 @@ TORCH = "torch==2.13.0"
 TRANSFORMERS = "transformers==5.24.0"
 ORACLE_PKG = "gpt-sovits-cpufast==0.1.0"
 ORACLE_WHEEL_SHA256 = "b5d6fd23719f9b0b1a4642411280340538440b1f9b5d50657e517aa8c66619be"
-ORACLE_DEPS = ["numpy", "einops", "tqdm", "packaging", "pyyaml", "tokenizers"]
+ORACLE_DEPS = ["numpy", "einops", "tqdm", "packaging", "pyyaml", "tokenizers", "coremltools==9.0"]
 # text-frontend references need these too (g2p_en without deps: its import downloads nltk data)
 FRONTEND_DEPS = ["pypinyin==0.55.0", "jieba_fast==0.53", "cn2an==0.5.24", "wordsegment", "inflect", "unidecode", "nltk"]
 DEFAULT_SEED = 1234

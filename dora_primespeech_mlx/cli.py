@@ -1,8 +1,10 @@
 """`gpt-sovits-mlx`: command-line tools over the engine.
 
-Subcommands available now:
-  inspect PATH   read a GPT .ckpt, SoVITS .pth or HF model folder without torch and summarise it
-  voices         list the built-in voices and whether their files exist under a model directory
+Subcommands:
+  synthesize TEXT  speak TEXT with a voice into a WAV file, with a timing summary
+  convert          convert a voice's (or all voices') checkpoints into the safetensors cache ahead of time
+  voices           list the voices and whether their files exist under the model directory
+  inspect PATH     read a GPT .ckpt, SoVITS .pth or HF model folder without torch and summarise it
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -62,9 +65,98 @@ def cmd_voices(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synthesize(args: argparse.Namespace) -> int:
+    import resource
+
+    import soundfile as sf
+
+    from .engine import Engine
+    from .options import SynthesisOptions
+
+    text = args.text_opt if args.text_opt is not None else args.text
+    if not text:
+        print("error: give the text to speak, e.g. gpt-sovits-mlx synthesize '你好' --out hello.wav", file=sys.stderr)
+        return 2
+    engine = Engine(args.model_dir)
+    voice = engine.registry.get(args.voice)
+    missing = voice.missing_files()
+    if missing:
+        print(f"error: voice {voice.id!r} is missing {', '.join(map(str, missing))}; put the PrimeSpeech files "
+              f"under {engine.moyoyo} or set --model-dir", file=sys.stderr)
+        return 1
+    options = SynthesisOptions(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, speed=args.speed,
+                               seed=args.seed, text_lang=args.lang, max_new_tokens=args.max_tokens)
+    t0 = time.perf_counter()
+    engine.prepare_voice(voice)
+    prepare_s = time.perf_counter() - t0
+    result = engine.synthesize(text, voice, options)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(out, result.audio, result.sample_rate, subtype="PCM_16" if args.format == "pcm16" else "FLOAT")
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+    summary = {"out": str(out), "voice": voice.id, "audio_s": round(result.duration, 3), "sentences": result.sentences,
+               "load_and_prepare_s": round(prepare_s, 3), **{k: round(v, 4) for k, v in result.timings.items()},
+               "peak_rss_mb": round(peak_mb, 1)}
+    print(json.dumps(summary, ensure_ascii=False))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import load_t2s_cached
+    from .voices import VoiceRegistry
+
+    registry = VoiceRegistry(args.model_dir)
+    if args.coreml:
+        from .coreml import convert_coreml
+
+        t0 = time.perf_counter()
+        out = convert_coreml(registry.model_dir, args.out)
+        print(f"Core ML encoders written to {out} ({time.perf_counter() - t0:.0f} s)")
+    ids = registry.ids() if args.all else [args.voice]
+    done, missing = set(), []
+    for vid in ids:
+        voice = registry.get(vid)
+        if not voice.gpt_weights.exists():
+            missing.append(f"{vid}: {voice.gpt_weights}")
+            continue
+        if voice.gpt_weights in done:
+            continue
+        t0 = time.perf_counter()
+        load_t2s_cached(voice.gpt_weights)
+        done.add(voice.gpt_weights)
+        print(f"{vid}: GPT ready in the cache ({time.perf_counter() - t0:.1f} s)")
+    for m in missing:
+        print(f"skipped (file missing) {m}", file=sys.stderr)
+    return 0 if done or not missing else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpt-sovits-mlx", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("synthesize", help="speak a text into a WAV file")
+    p.add_argument("text", nargs="?", help="text to speak")
+    p.add_argument("--text", dest="text_opt", help="alias of the positional TEXT")
+    p.add_argument("--voice", default=os.environ.get("VOICE_NAME", "Doubao"))
+    p.add_argument("--out", default="out.wav")
+    p.add_argument("--model-dir", default=os.environ.get("PRIMESPEECH_MODEL_DIR"))
+    p.add_argument("--lang", choices=["auto", "zh", "en", "all_zh"], default=None, help="default: the voice's")
+    p.add_argument("--speed", type=float, default=None, help="default: the voice's speed factor")
+    p.add_argument("--seed", type=int, default=233333)
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=None, help="semantic tokens per sentence (25 per second)")
+    p.add_argument("--format", choices=["pcm16", "float"], default="pcm16")
+    p.set_defaults(func=cmd_synthesize)
+    p = sub.add_parser("convert", help="convert checkpoints into the cache ahead of time")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--voice", default=os.environ.get("VOICE_NAME", "Doubao"))
+    group.add_argument("--all", action="store_true", help="every voice whose files exist")
+    p.add_argument("--model-dir", default=os.environ.get("PRIMESPEECH_MODEL_DIR"))
+    p.add_argument("--coreml", action="store_true",
+                   help="also convert HuBERT and RoBERTa to Core ML for the Neural Engine (extra [coreml])")
+    p.add_argument("--out", default=None, help="folder for the Core ML packages (default: the cache)")
+    p.set_defaults(func=cmd_convert)
     p = sub.add_parser("inspect", help="summarise a checkpoint or HF folder without torch")
     p.add_argument("path")
     p.set_defaults(func=cmd_inspect)
@@ -79,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, FileNotFoundError) as exc:
+    except (CheckpointError, FileNotFoundError, KeyError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

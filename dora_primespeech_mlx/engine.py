@@ -1,0 +1,302 @@
+"""The synthesis engine: text -> phones -> BERT features -> GPT semantic tokens -> SoVITS waveform.
+
+    engine = Engine("~/.dora/models/primespeech")
+    voice = engine.registry.get("Doubao")
+    result = engine.synthesize("你好，世界。", voice)        # AudioResult: float32 32 kHz mono
+    for chunk in engine.synthesize_stream(text, voice): ...   # one AudioChunk per sentence
+
+Shared encoders (HuBERT, RoBERTa) load once per engine; each voice's GPT and SoVITS load once and
+stay in a small LRU; a voice's prompt (codes, spectrogram, style vector, prompt phones and BERT
+features) is prepared once (`prepare_voice`). `cancel()` from another thread stops a running
+synthesis within one GPT step.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .options import SAMPLE_RATE, AudioChunk, SynthesisOptions
+from .voices import Voice, VoiceRegistry
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_FRAGMENT_INTERVAL = 0.07  # s of silence after each sentence (primespeech's batch default)
+UPSTREAM_TOKEN_CAP = 1500  # upstream's hard cap on AR steps (60 s of audio)
+BERT_DIM = 1024
+
+
+class SynthesisCancelled(Exception):
+    """Raised inside the generator when `Engine.cancel()` was called."""
+
+
+@dataclass(frozen=True)
+class VoicePrompt:
+    """A voice's precomputed state: everything about the reference that synthesis needs."""
+
+    voice: Voice
+    prompt_codes: np.ndarray  # (P,) int64 semantic codes of the reference clip
+    refer_spec: np.ndarray  # (1025, F) float32 linear spectrogram of the reference clip
+    style: np.ndarray  # (512,) float32 style vector `ge`
+    prompt_phone_ids: np.ndarray  # (S_p,) int64 phones of the transcript
+    prompt_bert: np.ndarray  # (1024, S_p) float32 BERT features of the transcript
+    seconds: float  # time it took to prepare
+
+
+@dataclass
+class AudioResult:
+    """A whole utterance: the joined chunks plus per-stage timings (seconds)."""
+
+    audio: np.ndarray
+    sample_rate: int
+    timings: dict[str, float] = field(default_factory=dict)
+    sentences: int = 0
+
+    @property
+    def duration(self) -> float:
+        return float(len(self.audio)) / float(self.sample_rate)
+
+
+@dataclass(frozen=True)
+class PhoneSentence:
+    """One sentence ready for the GPT: phone ids and their BERT features."""
+
+    text: str
+    phone_ids: np.ndarray  # (S,) int64
+    bert: np.ndarray  # (1024, S) float32; zeros for non-Chinese segments
+
+
+def length_guard(n_phones: int, cap: int | None, tokens_per_phone: float) -> int:
+    """Most semantic tokens a sentence may produce.
+
+    Random or confused GPTs may never emit EOS; speech runs at about 2-4 tokens (25 Hz) per phone,
+    so `tokens_per_phone` (default 10) times the phone count, at least 75 tokens (3 s), is generous
+    for real speech and stops babbling long before upstream's 1500-token (60 s) cap.
+    """
+    guard = max(75, int(np.ceil(tokens_per_phone * n_phones)))
+    return min(cap or UPSTREAM_TOKEN_CAP, guard, UPSTREAM_TOKEN_CAP)
+
+
+class Engine:
+    """GPT-SoVITS v2 synthesis over a PrimeSpeech model directory."""
+
+    def __init__(self, model_dir: str | Path | None = None, *, use_ane: bool = False,
+                 registry: VoiceRegistry | None = None, max_loaded_voices: int = 3,
+                 tokens_per_phone: float = 10.0):
+        self.registry = registry or VoiceRegistry(model_dir)
+        self.sample_rate = SAMPLE_RATE
+        self.use_ane = use_ane
+        self.tokens_per_phone = tokens_per_phone
+        self._max_loaded = max(1, max_loaded_voices)
+        self._models: OrderedDict[tuple[Path, Path], tuple[object, object]] = OrderedDict()
+        self._prompts: dict[tuple, VoicePrompt] = {}
+        self._hubert = None
+        self._bert = None
+        self._coreml = None
+        self._coreml_tried = False
+        self._cancel = threading.Event()
+        self._lock = threading.RLock()
+        # Chinese polyphones: G2PW when $PRIMESPEECH_MODEL_DIR/G2PWModel/g2pW.onnx exists, else pypinyin
+        from .text.g2pw import configure_g2pw
+
+        configure_g2pw(self.registry.model_dir)
+
+    # ------------------------------------------------------------------ models
+
+    @property
+    def moyoyo(self) -> Path:
+        return self.registry.moyoyo
+
+    def _mlx_hubert(self):
+        if self._hubert is None:
+            from .models.hubert import load_hubert
+
+            t0 = time.perf_counter()
+            self._hubert = load_hubert(self._require(self.moyoyo / "chinese-hubert-base"))
+            logger.info("HuBERT loaded in %.2f s", time.perf_counter() - t0)
+        return self._hubert
+
+    def _mlx_bert(self):
+        if self._bert is None:
+            from .models.bert import load_bert
+
+            t0 = time.perf_counter()
+            self._bert = load_bert(self._require(self.moyoyo / "chinese-roberta-wwm-ext-large"))
+            logger.info("RoBERTa loaded in %.2f s", time.perf_counter() - t0)
+        return self._bert
+
+    def _coreml_encoders(self):
+        """Core ML encoders on the Neural Engine (USE_ANE=1 on macOS), else None: tried once."""
+        if self.use_ane and not self._coreml_tried:
+            from .coreml.runtime import load_coreml_encoders
+
+            self._coreml_tried = True
+            self._coreml = load_coreml_encoders(self.moyoyo, use_ane=True, hubert_fallback=self._mlx_hubert,
+                                                bert_fallback=self._mlx_bert)
+        return self._coreml
+
+    def hubert(self):
+        """HuBERT: Core ML when enabled and available, else MLX (loaded once)."""
+        coreml = self._coreml_encoders()
+        return coreml.hubert if coreml is not None else self._mlx_hubert()
+
+    def bert(self):
+        """RoBERTa: Core ML when enabled and available, else MLX (loaded once)."""
+        coreml = self._coreml_encoders()
+        return coreml.bert if coreml is not None else self._mlx_bert()
+
+    def voice_models(self, voice: Voice):
+        """(T2S, SoVITS) of a voice, loaded once and kept in a small LRU."""
+        key = (voice.gpt_weights, voice.sovits_weights)
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            from .convert import load_t2s_cached
+            from .models.sovits import load_sovits
+
+            t0 = time.perf_counter()
+            models = (load_t2s_cached(self._require(voice.gpt_weights)), load_sovits(self._require(voice.sovits_weights)))
+            logger.info("voice %r: GPT and SoVITS loaded in %.2f s", voice.id, time.perf_counter() - t0)
+            self._models[key] = models
+            while len(self._models) > self._max_loaded:
+                self._models.popitem(last=False)
+            return models
+
+    @staticmethod
+    def _require(path: Path) -> Path:
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: put the PrimeSpeech model files under "
+                                    "$PRIMESPEECH_MODEL_DIR/moyoyo/ (see docs) or fix the voice's path")
+        return path
+
+    # ------------------------------------------------------------------ text
+
+    def phone_sentences(self, text: str, language: str, *, split: bool = True) -> list[PhoneSentence]:
+        """Split `text` as dora-primespeech does (or not, for a prompt transcript) and turn each
+        sentence into phone ids + BERT features (RoBERTa for Chinese spans, zeros otherwise)."""
+        from .text.frontend import piece_to_sentence, text_to_phone_segments
+
+        sentences = text_to_phone_segments(text, language) if split else [piece_to_sentence(text, language)]
+        out = []
+        for sentence in sentences:
+            feats = []
+            for seg in sentence.segments:
+                if seg.needs_bert and seg.word2ph:
+                    feats.append(self.bert().phone_features(seg.norm_text, seg.word2ph))
+                else:
+                    feats.append(np.zeros((BERT_DIM, len(seg.phone_ids)), np.float32))
+            ids = np.asarray(sentence.phone_ids, np.int64)
+            if ids.size == 0:
+                continue
+            out.append(PhoneSentence(sentence.text, ids, np.concatenate(feats, axis=1).astype(np.float32)))
+        return out
+
+    # ------------------------------------------------------------------ voices
+
+    def prepare_voice(self, voice: Voice) -> VoicePrompt:
+        """Prompt codes, reference spectrogram, style vector, prompt phones and BERT: once per voice."""
+        key = (voice.id, voice.reference_audio, voice.prompt_text, voice.prompt_lang, voice.sovits_weights)
+        with self._lock:
+            if key in self._prompts:
+                return self._prompts[key]
+        from .audio import load_reference_audio
+
+        t0 = time.perf_counter()
+        _, sovits = self.voice_models(voice)
+        ref = load_reference_audio(voice.reference_audio)
+        codes = sovits.extract_latent(self.hubert()(ref.wav16k_padded))
+        spec = sovits.spectrogram(ref.wav32k)
+        style = sovits.style_vector(spec)
+        prompt_text = voice.prompt_text.strip()
+        if prompt_text and prompt_text[-1] not in "。.!?！？…":
+            prompt_text += "。" if voice.prompt_lang != "en" else "."  # upstream ends the prompt with a stop
+        sentences = self.phone_sentences(prompt_text, voice.prompt_lang, split=False)
+        phone_ids = np.concatenate([s.phone_ids for s in sentences])
+        bert = np.concatenate([s.bert for s in sentences], axis=1)
+        prompt = VoicePrompt(voice, np.asarray(codes, np.int64).reshape(-1), spec, style, phone_ids, bert,
+                             time.perf_counter() - t0)
+        logger.info("voice %r prepared in %.2f s (%d prompt codes, %d prompt phones)", voice.id, prompt.seconds,
+                    prompt.prompt_codes.size, phone_ids.size)
+        with self._lock:
+            self._prompts[key] = prompt
+        return prompt
+
+    # ------------------------------------------------------------------ synthesis
+
+    def cancel(self) -> None:
+        """Stop the running synthesis (from any thread) within one GPT step."""
+        self._cancel.set()
+
+    def synthesize_stream(self, text: str, voice: Voice | str, options: SynthesisOptions | None = None,
+                          *, on_token: Callable[[int], None] | None = None) -> Iterator[AudioChunk]:
+        """Yield one `AudioChunk` per sentence (with its trailing silence), the last with `is_final`."""
+        self._cancel.clear()
+        options = options or SynthesisOptions()
+        voice = self.registry.get(voice) if isinstance(voice, str) else voice
+        language = options.text_lang or voice.text_lang
+        speed = options.speed if options.speed is not None else voice.speed_factor
+        interval = DEFAULT_FRAGMENT_INTERVAL if options.fragment_interval is None else options.fragment_interval
+        t0 = time.perf_counter()
+        prompt = self.prepare_voice(voice)
+        t2s, sovits = self.voice_models(voice)
+        sentences = self.phone_sentences(text, language)
+        frontend_s = time.perf_counter() - t0
+        if not sentences:
+            raise ValueError(f"text {text[:60]!r} has nothing to speak after normalisation")
+        for index, sentence in enumerate(sentences):
+            timings = {"frontend_s": frontend_s if index == 0 else 0.0}
+            t1 = time.perf_counter()
+            phone_ids = np.concatenate([prompt.prompt_phone_ids, sentence.phone_ids])
+            bert = np.concatenate([prompt.prompt_bert, sentence.bert], axis=1)
+            cap = length_guard(sentence.phone_ids.size, options.max_new_tokens, self.tokens_per_phone)
+            seed = None if options.seed is None else options.seed + index
+            tokens = []
+            for token in t2s.generate_stream(phone_ids, bert, prompt.prompt_codes, top_k=options.top_k,
+                                             top_p=options.top_p, temperature=options.temperature,
+                                             repetition_penalty=options.repetition_penalty,
+                                             max_new_tokens=cap, seed=seed):
+                if self._cancel.is_set():
+                    raise SynthesisCancelled()
+                tokens.append(token)
+                if on_token is not None:
+                    on_token(token)
+            timings["t2s_s"] = time.perf_counter() - t1
+            timings["tokens"] = float(len(tokens))
+            if not tokens:  # upstream decodes a single 0 code when the GPT stops at once
+                tokens = [0]
+            t2 = time.perf_counter()
+            audio = sovits.decode(np.asarray(tokens, np.int64), sentence.phone_ids, ge=prompt.style, speed=speed,
+                                  noise_scale=options.noise_scale, seed=seed)
+            if self._cancel.is_set():
+                raise SynthesisCancelled()
+            timings["sovits_s"] = time.perf_counter() - t2
+            peak = float(np.abs(audio).max(initial=0.0))
+            if peak > 1.0:  # upstream: each sentence is peak-limited to 1
+                audio = audio / peak
+            silence = np.zeros(int(round(interval * self.sample_rate)), np.float32)
+            yield AudioChunk(np.concatenate([audio.astype(np.float32), silence]), self.sample_rate,
+                             sentence_index=index, chunk_index=0, is_final=index == len(sentences) - 1,
+                             timings=timings)
+
+    def synthesize(self, text: str, voice: Voice | str, options: SynthesisOptions | None = None) -> AudioResult:
+        """The whole utterance as one float32 array, plus summed per-stage timings."""
+        t0 = time.perf_counter()
+        chunks = list(self.synthesize_stream(text, voice, options))
+        timings: dict[str, float] = {}
+        for chunk in chunks:
+            for k, v in chunk.timings.items():
+                timings[k] = timings.get(k, 0.0) + v
+        timings["total_s"] = time.perf_counter() - t0
+        audio = np.concatenate([c.audio for c in chunks]) if chunks else np.zeros(0, np.float32)
+        result = AudioResult(audio, self.sample_rate, timings, sentences=len(chunks))
+        if result.duration > 0:
+            timings["rtf"] = timings["total_s"] / result.duration
+        return result

@@ -1,0 +1,156 @@
+"""End-to-end synthesis through the engine on the oracle-built model directory (random weights).
+
+Token caps keep these short on mlx-cpu; a random GPT almost never emits EOS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from dora_primespeech_mlx.checkpoint import CheckpointError
+from dora_primespeech_mlx.engine import Engine, SynthesisCancelled, length_guard
+from dora_primespeech_mlx.options import SynthesisOptions
+from dora_primespeech_mlx.voices import VoiceRegistry
+
+HOP = 640
+
+
+@pytest.fixture(scope="session")
+def all_voices_dir(fixtures, tmp_path_factory):
+    """The oracle model dir laid out for every built-in voice id (links to the one smoke voice)."""
+    root = tmp_path_factory.mktemp("models")
+    moyoyo = root / "moyoyo"
+    src = fixtures.moyoyo
+    moyoyo.mkdir()
+    for name in ("chinese-hubert-base", "chinese-roberta-wwm-ext-large"):
+        os.symlink(src / name, moyoyo / name)
+    registry = VoiceRegistry(root)
+    for vid in registry.ids():
+        v = registry.get(vid)
+        for dst, origin in ((v.gpt_weights, fixtures.gpt_path), (v.sovits_weights, fixtures.sovits_path),
+                            (v.reference_audio, fixtures.ref_wav)):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if not dst.exists():
+                os.symlink(origin, dst)
+    return root
+
+
+@pytest.fixture(scope="session")
+def engine(all_voices_dir):
+    return Engine(all_voices_dir)
+
+
+def expected_samples(tokens: int, speed: float, interval: float) -> int:
+    frames = 2 * tokens if speed == 1.0 else int(2 * tokens / speed) + 1
+    return frames * HOP + int(round(interval * 32000))
+
+
+def test_every_builtin_voice_resolves(all_voices_dir):
+    registry = VoiceRegistry(all_voices_dir)
+    assert len(registry.ids()) == 15
+    for vid in registry.ids():
+        assert registry.get(vid).missing_files() == [], vid
+
+
+def test_prepare_voice_once(engine):
+    voice = engine.registry.get("Doubao")
+    prompt = engine.prepare_voice(voice)
+    assert prompt.prompt_codes.ndim == 1 and prompt.prompt_codes.size > 50
+    assert prompt.refer_spec.shape[0] == 1025 and prompt.style.shape == (512,)
+    assert prompt.prompt_bert.shape == (1024, prompt.prompt_phone_ids.size)
+    # the transcript mixes Chinese (BERT features) and English (zeros)
+    zero_cols = np.all(prompt.prompt_bert == 0, axis=0)
+    assert zero_cols.any() and not zero_cols.all()
+    assert engine.prepare_voice(voice) is prompt
+
+
+@pytest.mark.parametrize("text, lang, n_sentences", [
+    ("你好，世界。", "zh", 1),
+    ("Hello there my good friend.", "en", 1),
+    ("我们去 park 散步吧。", "auto", 1),
+])
+def test_audio_length_matches_generated_tokens(engine, text, lang, n_sentences):
+    options = SynthesisOptions(max_new_tokens=6, seed=7, text_lang=lang, fragment_interval=0.1)
+    chunks = list(engine.synthesize_stream(text, "Doubao", options))
+    assert len(chunks) == n_sentences and chunks[-1].is_final
+    for chunk in chunks:
+        tokens = int(chunk.timings["tokens"])
+        assert 1 <= tokens <= 6
+        assert chunk.audio.dtype == np.float32 and np.isfinite(chunk.audio).all()
+        assert chunk.audio.size == expected_samples(tokens, 1.1, 0.1)  # Doubao speaks at 1.1
+        assert np.abs(chunk.audio).max() <= 1.0
+        assert np.abs(chunk.audio[:-3200]).max() > 0  # not silence
+
+
+def test_deterministic_with_a_seed_and_speed_from_options(engine):
+    options = SynthesisOptions(max_new_tokens=5, seed=11, speed=1.0, fragment_interval=0.0)
+    a = engine.synthesize("一二三四五。", "BYS", options)
+    b = engine.synthesize("一二三四五。", "BYS", options)
+    np.testing.assert_array_equal(a.audio, b.audio)
+    assert a.audio.size == expected_samples(int(a.timings["tokens"]), 1.0, 0.0)
+    assert a.timings["t2s_s"] > 0 and a.timings["sovits_s"] > 0 and a.timings["rtf"] > 0
+
+
+def test_sentences_are_split(engine):
+    result = engine.synthesize("第一句话在这里。第二句话也在这里。", "Doubao",
+                               SynthesisOptions(max_new_tokens=3, seed=1, fragment_interval=0.0))
+    assert result.sentences == 2
+
+
+def test_nothing_to_speak_is_a_clear_error(engine):
+    with pytest.raises(ValueError):
+        list(engine.synthesize_stream("。。。", "Doubao", SynthesisOptions(max_new_tokens=3)))
+
+
+def test_cancel_stops_generation(engine):
+    options = SynthesisOptions(max_new_tokens=200, seed=3)
+    seen = []
+
+    def on_token(token):
+        seen.append(token)
+        if len(seen) == 3:
+            engine.cancel()
+
+    with pytest.raises(SynthesisCancelled):
+        list(engine.synthesize_stream("取消这一句话的合成。", "Doubao", options, on_token=on_token))
+    assert len(seen) == 3
+
+
+def test_length_guard():
+    assert length_guard(10, None, 10.0) == 100
+    assert length_guard(2, None, 10.0) == 75
+    assert length_guard(500, None, 10.0) == 1500
+    assert length_guard(50, 20, 10.0) == 20
+
+
+def test_missing_and_corrupt_files_name_the_file(fixtures, tmp_path):
+    root = tmp_path / "models"
+    shutil.copytree(fixtures.moyoyo, root / "moyoyo", symlinks=True,
+                    ignore=shutil.ignore_patterns("GPT_weights"))
+    engine = Engine(root)
+    with pytest.raises(FileNotFoundError, match="doubao-mixed.ckpt"):
+        engine.synthesize("你好。", "Doubao", SynthesisOptions(max_new_tokens=2))
+    (root / "moyoyo" / "GPT_weights").mkdir()
+    (root / "moyoyo" / "GPT_weights" / "doubao-mixed.ckpt").write_bytes(b"PK\x03\x04 broken")
+    with pytest.raises(CheckpointError, match="doubao-mixed.ckpt"):
+        Engine(root).synthesize("你好。", "Doubao", SynthesisOptions(max_new_tokens=2))
+
+
+def test_cli_synthesize_writes_a_wav(all_voices_dir, tmp_path, capsys):
+    import soundfile as sf
+
+    from dora_primespeech_mlx.cli import main
+
+    out = tmp_path / "hello.wav"
+    rc = main(["synthesize", "你好，世界。", "--voice", "Doubao", "--model-dir", str(all_voices_dir),
+               "--out", str(out), "--max-tokens", "4", "--seed", "5"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    audio, rate = sf.read(out, dtype="int16")
+    assert rate == 32000 and audio.size == round(summary["audio_s"] * 32000)
+    assert summary["tokens"] <= 4 and summary["rtf"] > 0

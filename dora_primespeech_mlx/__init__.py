@@ -6,6 +6,7 @@ Public API (numpy in, numpy out at every boundary; see docs/api.md):
 - `load_sovits(path)`: the SoVITS decoder from a `.pth` or its converted cache
 - `load_hubert(dir)`, `load_bert(dir)`: the two pretrained encoders from HF folders
 - `dora_primespeech_mlx.text.clean_text`: the text frontend
+- `Engine`, `SynthesisOptions`, `AudioChunk`, `AudioResult`, `VoiceRegistry`: synthesis
 - `read_torch_file`, `load_hf_weights`: torch-free readers of the original files
 
 Stages are imported lazily so that `import dora_primespeech_mlx` stays cheap.
@@ -18,6 +19,13 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
+    "Engine": "dora_primespeech_mlx.engine",
+    "AudioResult": "dora_primespeech_mlx.engine",
+    "VoicePrompt": "dora_primespeech_mlx.engine",
+    "SynthesisOptions": "dora_primespeech_mlx.options",
+    "AudioChunk": "dora_primespeech_mlx.options",
+    "VoiceRegistry": "dora_primespeech_mlx.voices",
+    "reference_features": "dora_primespeech_mlx.audio",
     "load_t2s": "dora_primespeech_mlx.models.t2s",
     "load_sovits": "dora_primespeech_mlx.models.sovits",
     "load_hubert": "dora_primespeech_mlx.models.hubert",

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
+from mlx import nn
 from mlx.utils import tree_flatten
 
 from ..checkpoint import CheckpointError, fuse_weight_norm, normalize_weight_norm_names, read_torch_file, to_plain
@@ -32,7 +32,7 @@ from .hifigan import Conv1d, Generator
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SoVITSConfig", "SoVITS", "frame_noise", "load_sovits", "spectrogram"]
+__all__ = ["SoVITS", "SoVITSConfig", "frame_noise", "load_sovits", "spectrogram"]
 
 # v2 symbol table size (text/symbols2.py); v1 has 322.
 V2_SYMBOLS = 732

@@ -52,7 +52,8 @@ class TTSEngine(Protocol):
 
     def prepare_voice(self, voice: Voice) -> Any: ...
 
-    def synthesize_stream(self, text: str, voice: Voice, options: SynthesisOptions) -> Iterator[AudioChunk]: ...
+    def synthesize_stream(self, text: str, voice: Voice, options: SynthesisOptions, *,
+                          streaming: bool = True) -> Iterator[AudioChunk]: ...
 
     def cancel(self) -> None: ...
 
@@ -426,7 +427,7 @@ class TTSService:
         try:
             self._prepare(job.voice)
             index = 0
-            for chunk in self.engine.synthesize_stream(job.text, job.voice, options):
+            for chunk in self.engine.synthesize_stream(job.text, job.voice, options, streaming=streaming):
                 if job.cancelled:
                     break
                 if first_chunk_s is None:

@@ -26,6 +26,7 @@ class FakeEngine:
     def __init__(self, model_dir, *, delay: float = 0.0, fail_on: str | None = None):
         self.registry = VoiceRegistry(model_dir)
         self.prepared: list[str] = []
+        self.streaming: list[bool] = []
         self.calls: list[tuple[str, str, object]] = []
         self.delay = delay
         self.fail_on = fail_on
@@ -35,9 +36,10 @@ class FakeEngine:
         self.prepared.append(voice.id)
         return voice.id
 
-    def synthesize_stream(self, text, voice, options):
+    def synthesize_stream(self, text, voice, options, *, streaming=True):
         self._cancel.clear()
         self.calls.append((text, voice.id, options))
+        self.streaming.append(streaming)
         if self.fail_on and self.fail_on in text:
             raise RuntimeError("boom")
         n = max(1, len(text) // 4)
@@ -162,7 +164,7 @@ def test_one_audio_then_one_completion_with_metadata_types(model_dir):
     done = sent.of("segment_complete")
     assert [d[0].as_py() for d, _ in done] == ["completed"]
     assert [o for o, _, _ in sent if o in ("audio", "segment_complete")] == ["audio", "segment_complete"]
-    assert engine.calls[0][1] == "Doubao"
+    assert engine.calls[0][1] == "Doubao" and engine.streaming == [False]
     service.close()
 
 
@@ -212,13 +214,14 @@ def test_custom_voice_missing_clip_is_an_error_naming_the_file(model_dir, tmp_pa
 
 
 def test_streaming_mode_sends_chunks_with_index_and_final_flag(model_dir):
-    service, _ = make_service(model_dir, {"RETURN_FRAGMENT": "true"})
+    service, engine = make_service(model_dir, {"RETURN_FRAGMENT": "true"})
     sent = process(service, "一二三四五六七八九十一二", {"question_id": "q"})
     audio = sent.of("audio")
     assert len(audio) == 3
     assert [m["segment_index"] for _, m in audio] == [0, 1, 2]
     assert [m["is_final"] for _, m in audio] == [False, False, True]
     assert sent.of("segment_complete")[0][0][0].as_py() == "completed"
+    assert engine.streaming == [True]
     service.close()
 
 

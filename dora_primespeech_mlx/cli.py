@@ -3,6 +3,7 @@
 Subcommands:
   synthesize TEXT  speak TEXT with a voice into a WAV file, with a timing summary
   convert          convert a voice's (or all voices') checkpoints into the safetensors cache ahead of time
+  bench            time load, voice preparation, whole and streamed synthesis of a text (JSON out)
   voices           list the voices and whether their files exist under the model directory
   inspect PATH     read a GPT .ckpt, SoVITS .pth or HF model folder without torch and summarise it
 """
@@ -89,7 +90,10 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     engine.prepare_voice(voice)
     prepare_s = time.perf_counter() - t0
-    result = engine.synthesize(text, voice, options)
+    if args.stream:
+        result = _synthesize_streaming(engine, text, voice, options)
+    else:
+        result = engine.synthesize(text, voice, options)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sf.write(out, result.audio, result.sample_rate, subtype="PCM_16" if args.format == "pcm16" else "FLOAT")
@@ -102,7 +106,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import load_t2s_cached
+    from .convert import load_sovits_cached, load_t2s_cached
     from .voices import VoiceRegistry
 
     registry = VoiceRegistry(args.model_dir)
@@ -123,11 +127,65 @@ def cmd_convert(args: argparse.Namespace) -> int:
             continue
         t0 = time.perf_counter()
         load_t2s_cached(voice.gpt_weights)
+        if voice.sovits_weights.exists():
+            load_sovits_cached(voice.sovits_weights)
         done.add(voice.gpt_weights)
-        print(f"{vid}: GPT ready in the cache ({time.perf_counter() - t0:.1f} s)")
+        print(f"{vid}: GPT and SoVITS ready in the cache ({time.perf_counter() - t0:.1f} s)")
     for m in missing:
         print(f"skipped (file missing) {m}", file=sys.stderr)
     return 0 if done or not missing else 1
+
+
+def _synthesize_streaming(engine, text, voice, options):
+    """Act as a streaming client: print each chunk's latency as it arrives, return the joined audio."""
+    from .engine import AudioResult
+
+    chunks = []
+    for chunk in engine.synthesize_stream(text, voice, options, streaming=True):
+        chunks.append(chunk)
+        print(f"chunk {len(chunks) - 1}: sentence {chunk.sentence_index} #{chunk.chunk_index} "
+              f"{chunk.duration:.2f} s of audio at {chunk.timings['elapsed_s'] * 1000:.0f} ms"
+              f"{' (final)' if chunk.is_final else ''}", file=sys.stderr, flush=True)
+    timings = {"first_chunk_s": chunks[0].timings["elapsed_s"], "total_s": chunks[-1].timings["elapsed_s"]}
+    for key in ("frontend_s", "t2s_s", "sovits_s", "tokens"):
+        timings[key] = sum(c.timings.get(key, 0.0) for c in chunks)
+    audio = np.concatenate([c.audio for c in chunks])
+    result = AudioResult(audio, engine.sample_rate, timings, sentences=chunks[-1].sentence_index + 1)
+    timings["rtf"] = timings["total_s"] / max(result.duration, 1e-9)
+    return result
+
+
+BENCH_TEXT = "今天天气不错，我们去公园散步吧。The weather is nice today, let's take a walk."
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import mlx.core as mx
+
+    from .engine import Engine
+    from .options import SynthesisOptions
+
+    t0 = time.perf_counter()
+    engine = Engine(args.model_dir)
+    voice = engine.registry.get(args.voice)
+    engine.voice_models(voice)
+    report = {"device": str(mx.default_device()), "voice": voice.id, "text": args.text,
+              "load_s": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    engine.prepare_voice(voice)
+    report["prepare_voice_s"] = time.perf_counter() - t0
+    options = SynthesisOptions(seed=args.seed, max_new_tokens=args.max_tokens)
+    runs = []
+    for _ in range(args.runs):
+        whole = engine.synthesize(args.text, voice, options)
+        t0 = time.perf_counter()
+        first = None
+        for chunk in engine.synthesize_stream(args.text, voice, options, streaming=True):
+            first = first if first is not None else time.perf_counter() - t0
+        runs.append({"audio_s": whole.duration, **{k: round(v, 4) for k, v in whole.timings.items()},
+                     "stream_first_chunk_s": first, "stream_total_s": time.perf_counter() - t0})
+    report["runs"] = runs
+    print(json.dumps(report, ensure_ascii=False, indent=1))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=None, help="semantic tokens per sentence (25 per second)")
     p.add_argument("--format", choices=["pcm16", "float"], default="pcm16")
+    p.add_argument("--stream", action="store_true", help="stream: print each chunk's latency as it arrives")
     p.set_defaults(func=cmd_synthesize)
     p = sub.add_parser("convert", help="convert checkpoints into the cache ahead of time")
     group = p.add_mutually_exclusive_group()
@@ -157,6 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also convert HuBERT and RoBERTa to Core ML for the Neural Engine (extra [coreml])")
     p.add_argument("--out", default=None, help="folder for the Core ML packages (default: the cache)")
     p.set_defaults(func=cmd_convert)
+    p = sub.add_parser("bench", help="time synthesis of a text on this machine")
+    p.add_argument("--text", default=BENCH_TEXT)
+    p.add_argument("--voice", default=os.environ.get("VOICE_NAME", "Doubao"))
+    p.add_argument("--model-dir", default=os.environ.get("PRIMESPEECH_MODEL_DIR"))
+    p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--seed", type=int, default=233333)
+    p.add_argument("--max-tokens", type=int, default=None, help="cap per sentence (random smoke weights never stop)")
+    p.set_defaults(func=cmd_bench)
     p = sub.add_parser("inspect", help="summarise a checkpoint or HF folder without torch")
     p.add_argument("path")
     p.set_defaults(func=cmd_inspect)

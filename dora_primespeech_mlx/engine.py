@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 
 from .options import SAMPLE_RATE, AudioChunk, SynthesisOptions
@@ -159,11 +160,11 @@ class Engine:
             if key in self._models:
                 self._models.move_to_end(key)
                 return self._models[key]
-            from .convert import load_t2s_cached
-            from .models.sovits import load_sovits
+            from .convert import load_sovits_cached, load_t2s_cached
 
             t0 = time.perf_counter()
-            models = (load_t2s_cached(self._require(voice.gpt_weights)), load_sovits(self._require(voice.sovits_weights)))
+            models = (load_t2s_cached(self._require(voice.gpt_weights)),
+                      load_sovits_cached(self._require(voice.sovits_weights)))
             logger.info("voice %r: GPT and SoVITS loaded in %.2f s", voice.id, time.perf_counter() - t0)
             self._models[key] = models
             while len(self._models) > self._max_loaded:
@@ -182,22 +183,30 @@ class Engine:
     def phone_sentences(self, text: str, language: str, *, split: bool = True) -> list[PhoneSentence]:
         """Split `text` as dora-primespeech does (or not, for a prompt transcript) and turn each
         sentence into phone ids + BERT features (RoBERTa for Chinese spans, zeros otherwise)."""
-        from .text.frontend import piece_to_sentence, text_to_phone_segments
+        return list(self.iter_phone_sentences(text, language, split=split))
 
-        sentences = text_to_phone_segments(text, language) if split else [piece_to_sentence(text, language)]
-        out = []
-        for sentence in sentences:
+    def iter_phone_sentences(self, text: str, language: str, *, split: bool = True) -> Iterator[PhoneSentence]:
+        """`phone_sentences`, lazily: each sentence's frontend and BERT run only when it is needed,
+        so the first sentence's audio does not wait for the rest of a long text."""
+        from .text.frontend import piece_to_sentence
+        from .text.segment import check_language_mode, split_sentences
+
+        check_language_mode(language)
+        pieces = split_sentences(text, language) if split else [text]
+        for piece in pieces:
+            sentence = piece_to_sentence(piece, language)
+            if not sentence.norm_text and split:
+                continue  # upstream drops pieces that normalise to nothing
+            ids = np.asarray(sentence.phone_ids, np.int64)
+            if ids.size == 0:
+                continue
             feats = []
             for seg in sentence.segments:
                 if seg.needs_bert and seg.word2ph:
                     feats.append(self.bert().phone_features(seg.norm_text, seg.word2ph))
                 else:
                     feats.append(np.zeros((BERT_DIM, len(seg.phone_ids)), np.float32))
-            ids = np.asarray(sentence.phone_ids, np.int64)
-            if ids.size == 0:
-                continue
-            out.append(PhoneSentence(sentence.text, ids, np.concatenate(feats, axis=1).astype(np.float32)))
-        return out
+            yield PhoneSentence(sentence.text, ids, np.concatenate(feats, axis=1).astype(np.float32))
 
     # ------------------------------------------------------------------ voices
 
@@ -235,65 +244,115 @@ class Engine:
         """Stop the running synthesis (from any thread) within one GPT step."""
         self._cancel.set()
 
-    def synthesize_stream(self, text: str, voice: Voice | str, options: SynthesisOptions | None = None,
-                          *, on_token: Callable[[int], None] | None = None) -> Iterator[AudioChunk]:
-        """Yield one `AudioChunk` per sentence (with its trailing silence), the last with `is_final`."""
+    def synthesize_stream(self, text: str, voice: Voice | str, options: SynthesisOptions | None = None, *,
+                          streaming: bool = True, first_chunk_tokens: int = 25, chunk_tokens: int = 50,
+                          on_token: Callable[[int], None] | None = None) -> Iterator[AudioChunk]:
+        """Yield the utterance as `AudioChunk`s, sentence by sentence, the very last with `is_final`.
+
+        With `streaming` (default) audio starts while the GPT is still generating: SoVITS decodes
+        windows of semantic tokens (the first after `first_chunk_tokens`, then every `chunk_tokens`)
+        with overlap and cross-fade (models/sovits_stream.py); the joined chunks differ from the
+        whole-sentence decode only where a window had not yet seen later tokens. Without it, one
+        chunk per sentence from a whole-sentence decode (what `synthesize` joins). Each sentence's
+        last chunk carries its `fragment_interval` of silence. Timings are seconds; `elapsed_s` is the
+        time from the call to that chunk (first-audio latency for the first one).
+        """
         self._cancel.clear()
+        t_start = time.perf_counter()
         options = options or SynthesisOptions()
         voice = self.registry.get(voice) if isinstance(voice, str) else voice
         language = options.text_lang or voice.text_lang
         speed = options.speed if options.speed is not None else voice.speed_factor
         interval = DEFAULT_FRAGMENT_INTERVAL if options.fragment_interval is None else options.fragment_interval
-        t0 = time.perf_counter()
-        prompt = self.prepare_voice(voice)
-        t2s, sovits = self.voice_models(voice)
-        sentences = self.phone_sentences(text, language)
-        frontend_s = time.perf_counter() - t0
-        if not sentences:
-            raise ValueError(f"text {text[:60]!r} has nothing to speak after normalisation")
-        for index, sentence in enumerate(sentences):
-            timings = {"frontend_s": frontend_s if index == 0 else 0.0}
-            t1 = time.perf_counter()
-            phone_ids = np.concatenate([prompt.prompt_phone_ids, sentence.phone_ids])
-            bert = np.concatenate([prompt.prompt_bert, sentence.bert], axis=1)
-            cap = length_guard(sentence.phone_ids.size, options.max_new_tokens, self.tokens_per_phone)
-            seed = None if options.seed is None else options.seed + index
-            tokens = []
-            for token in t2s.generate_stream(phone_ids, bert, prompt.prompt_codes, top_k=options.top_k,
-                                             top_p=options.top_p, temperature=options.temperature,
-                                             repetition_penalty=options.repetition_penalty,
-                                             max_new_tokens=cap, seed=seed):
+        try:
+            prompt = self.prepare_voice(voice)
+            t2s, sovits = self.voice_models(voice)
+            sentences = self.iter_phone_sentences(text, language)
+            t0 = time.perf_counter()
+            upcoming = next(sentences, None)
+            frontend_s = time.perf_counter() - t0
+            if upcoming is None:
+                raise ValueError(f"text {text[:60]!r} has nothing to speak after normalisation")
+            index = -1
+            while upcoming is not None:
+                index += 1
+                sentence = upcoming
+                seed = None if options.seed is None else options.seed + index
+                decoder = None
+                if streaming:
+                    decoder = sovits.stream_decoder(sentence.phone_ids, ge=prompt.style, speed=speed,
+                                                    noise_scale=options.noise_scale, seed=seed,
+                                                    first_chunk_codes=first_chunk_tokens, chunk_codes=chunk_tokens)
+                timings = {"frontend_s": frontend_s if index == 0 else 0.0, "t2s_s": 0.0, "sovits_s": 0.0}
+                chunk_index = 0
+                tokens: list[int] = []
+                t1 = time.perf_counter()
+                for token in t2s.generate_stream(
+                        np.concatenate([prompt.prompt_phone_ids, sentence.phone_ids]),
+                        np.concatenate([prompt.prompt_bert, sentence.bert], axis=1), prompt.prompt_codes,
+                        top_k=options.top_k, top_p=options.top_p, temperature=options.temperature,
+                        repetition_penalty=options.repetition_penalty, seed=seed,
+                        max_new_tokens=length_guard(sentence.phone_ids.size, options.max_new_tokens,
+                                                    self.tokens_per_phone)):
+                    if self._cancel.is_set():
+                        raise SynthesisCancelled()
+                    tokens.append(token)
+                    if on_token is not None:
+                        on_token(token)
+                    if decoder is not None:
+                        t2 = time.perf_counter()
+                        audio = decoder.feed(token)
+                        timings["sovits_s"] += time.perf_counter() - t2
+                        if audio.size:
+                            timings["t2s_s"] = time.perf_counter() - t1 - timings["sovits_s"]
+                            yield self._chunk(audio, index, chunk_index, False, timings, t_start)
+                            chunk_index += 1
+                            timings = {"t2s_s": 0.0, "sovits_s": 0.0}
+                            t1 = time.perf_counter()
+                timings["t2s_s"] = time.perf_counter() - t1 - timings["sovits_s"]
+                timings["tokens"] = float(len(tokens))
                 if self._cancel.is_set():
                     raise SynthesisCancelled()
-                tokens.append(token)
-                if on_token is not None:
-                    on_token(token)
-            timings["t2s_s"] = time.perf_counter() - t1
-            timings["tokens"] = float(len(tokens))
-            if not tokens:  # upstream decodes a single 0 code when the GPT stops at once
-                tokens = [0]
-            t2 = time.perf_counter()
-            audio = sovits.decode(np.asarray(tokens, np.int64), sentence.phone_ids, ge=prompt.style, speed=speed,
-                                  noise_scale=options.noise_scale, seed=seed)
-            if self._cancel.is_set():
-                raise SynthesisCancelled()
-            timings["sovits_s"] = time.perf_counter() - t2
-            peak = float(np.abs(audio).max(initial=0.0))
-            if peak > 1.0:  # upstream: each sentence is peak-limited to 1
-                audio = audio / peak
-            silence = np.zeros(int(round(interval * self.sample_rate)), np.float32)
-            yield AudioChunk(np.concatenate([audio.astype(np.float32), silence]), self.sample_rate,
-                             sentence_index=index, chunk_index=0, is_final=index == len(sentences) - 1,
-                             timings=timings)
+                t2 = time.perf_counter()
+                if not tokens:  # upstream decodes a single 0 code when the GPT stops at once
+                    tokens = [0]
+                    if decoder is not None:
+                        decoder.feed(0)
+                if decoder is not None:
+                    audio = decoder.finish()
+                else:
+                    audio = sovits.decode(np.asarray(tokens, np.int64), sentence.phone_ids, ge=prompt.style,
+                                          speed=speed, noise_scale=options.noise_scale, seed=seed)
+                timings["sovits_s"] += time.perf_counter() - t2
+                t3 = time.perf_counter()
+                upcoming = next(sentences, None)  # the next sentence's frontend + BERT: is this one the last?
+                timings["frontend_next_s"] = time.perf_counter() - t3
+                silence = np.zeros(int(round(interval * self.sample_rate)), np.float32)
+                yield self._chunk(np.concatenate([audio.astype(np.float32), silence]), index, chunk_index,
+                                  upcoming is None, timings, t_start)
+        finally:
+            mx.clear_cache()  # release buffers between requests
+
+    def _chunk(self, audio: np.ndarray, sentence: int, chunk: int, final: bool, timings: dict,
+               t_start: float) -> AudioChunk:
+        peak = float(np.abs(audio).max(initial=0.0))
+        if peak > 1.0:  # upstream peak-limits each sentence to 1; a stream can only limit each chunk
+            audio = audio / peak
+        timings = dict(timings, elapsed_s=time.perf_counter() - t_start, peak_memory_mb=mx.get_peak_memory() / 1e6)
+        return AudioChunk(audio.astype(np.float32, copy=False), self.sample_rate, sentence_index=sentence,
+                          chunk_index=chunk, is_final=final, timings=timings)
 
     def synthesize(self, text: str, voice: Voice | str, options: SynthesisOptions | None = None) -> AudioResult:
         """The whole utterance as one float32 array, plus summed per-stage timings."""
         t0 = time.perf_counter()
-        chunks = list(self.synthesize_stream(text, voice, options))
+        chunks = list(self.synthesize_stream(text, voice, options, streaming=False))
         timings: dict[str, float] = {}
         for chunk in chunks:
             for k, v in chunk.timings.items():
-                timings[k] = timings.get(k, 0.0) + v
+                if k in ("elapsed_s", "peak_memory_mb"):
+                    timings[k] = max(timings.get(k, 0.0), v)
+                else:
+                    timings[k] = timings.get(k, 0.0) + v
         timings["total_s"] = time.perf_counter() - t0
         audio = np.concatenate([c.audio for c in chunks]) if chunks else np.zeros(0, np.float32)
         result = AudioResult(audio, self.sample_rate, timings, sentences=len(chunks))

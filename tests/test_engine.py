@@ -154,3 +154,67 @@ def test_cli_synthesize_writes_a_wav(all_voices_dir, tmp_path, capsys):
     audio, rate = sf.read(out, dtype="int16")
     assert rate == 32000 and audio.size == round(summary["audio_s"] * 32000)
     assert summary["tokens"] <= 4 and summary["rtf"] > 0
+
+
+def test_cli_synthesize_stream_reports_chunks(all_voices_dir, tmp_path, capsys):
+    from dora_primespeech_mlx.cli import main
+
+    out = tmp_path / "stream.wav"
+    rc = main(["synthesize", "--text", "你好。", "--model-dir", str(all_voices_dir), "--out", str(out),
+               "--max-tokens", "4", "--stream"])
+    captured = capsys.readouterr()
+    assert rc == 0 and "chunk 0:" in captured.err and "(final)" in captured.err
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert 0 < summary["first_chunk_s"] <= summary["total_s"]
+
+
+def test_streaming_starts_before_generation_ends_and_matches_whole(engine):
+    # default windows (first after 25 tokens), as tests/test_sovits_stream.py measured them
+    options = SynthesisOptions(max_new_tokens=40, seed=21, fragment_interval=0.0, speed=1.0)
+    tokens_seen = []
+    chunks, tokens_at_chunk = [], []
+    for chunk in engine.synthesize_stream("流式合成的第一句话。", "Doubao", options, streaming=True,
+                                          on_token=tokens_seen.append):
+        chunks.append(chunk)
+        tokens_at_chunk.append(len(tokens_seen))
+    assert len(chunks) == 2 and tokens_at_chunk[0] == 25  # audio before the GPT finished
+    assert [c.chunk_index for c in chunks] == list(range(len(chunks)))
+    assert [c.is_final for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert chunks[0].timings["elapsed_s"] < chunks[-1].timings["elapsed_s"]
+    streamed = np.concatenate([c.audio for c in chunks])
+    whole = engine.synthesize("流式合成的第一句话。", "Doubao", options).audio
+    assert streamed.size == whole.size == 2 * len(tokens_seen) * HOP
+    # The engine adds nothing to the windowed decoder: its chunks are exactly what the stream decoder
+    # gives for the same tokens (whose distance to the whole decode is bounded in test_sovits_stream.py).
+    voice = engine.registry.get("Doubao")
+    _, sovits = engine.voice_models(voice)
+    (sentence,) = engine.phone_sentences("流式合成的第一句话。", "zh")
+    decoder = sovits.stream_decoder(sentence.phone_ids, ge=engine.prepare_voice(voice).style, speed=1.0,
+                                    noise_scale=options.noise_scale, seed=options.seed)
+    reference = np.concatenate([decoder.feed(t) for t in tokens_seen] + [decoder.finish()])
+    np.testing.assert_array_equal(streamed, reference)
+    assert not np.array_equal(streamed, whole)  # the windows really ran
+
+
+def test_cancel_from_another_thread_returns_promptly(engine):
+    import threading
+    import time
+
+    options = SynthesisOptions(max_new_tokens=300, seed=5)
+    stream = engine.synthesize_stream("很长的一句话需要很久才能说完。", "Doubao", options)
+    timer = threading.Timer(2.0, engine.cancel)
+    timer.start()
+    t0 = time.perf_counter()
+    with pytest.raises(SynthesisCancelled):
+        list(stream)
+    assert time.perf_counter() - t0 < 60  # 300 tokens would take minutes on mlx-cpu
+
+
+def test_cli_bench_reports_timings(all_voices_dir, capsys):
+    from dora_primespeech_mlx.cli import main
+
+    rc = main(["bench", "--text", "你好。", "--model-dir", str(all_voices_dir), "--max-tokens", "3"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0 and report["voice"] == "Doubao" and report["prepare_voice_s"] >= 0
+    (run,) = report["runs"]
+    assert run["tokens"] <= 3 and 0 < run["stream_first_chunk_s"] <= run["stream_total_s"]

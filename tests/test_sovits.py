@@ -8,7 +8,9 @@ as a user would load it. refs.npz's own m_p/logs_p/z were computed before the co
 rounded to fp16 (the file stores fp16), so they sit ~1.5e-4 of their peak away from what the file
 gives; its waveforms are insensitive to that and are used as they are.
 
-HiFi-GAN is slow on MLX-CPU, so the full decodes are computed once per module (fixtures below).
+HiFi-GAN is slow on MLX-CPU (~10 s per second of audio here), so the 50-code decodes are computed
+once per module (fixtures below) and the oracle script runs once per module; the 400-code waveform
+(16 s of audio) is a single test, marked slow.
 """
 
 from __future__ import annotations
@@ -16,12 +18,20 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
 from dora_primespeech_mlx.checkpoint import CheckpointError, fuse_weight_norm, read_torch_file
-from dora_primespeech_mlx.models.sovits import SoVITS, SoVITSConfig, check_version, load_sovits
+from dora_primespeech_mlx.models.sovits import (
+    SAFETENSORS_FORMAT,
+    SoVITS,
+    SoVITSConfig,
+    check_version,
+    load_sovits,
+    save_sovits_safetensors,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -236,3 +246,105 @@ def test_waveform_matches_upstream(audio, refs, case, ref_key):
 def test_waveform_10_codes(audio, file_refs):
     assert audio["codes10"].shape == (10 * 1280,)
     assert rel_err(audio["codes10"], file_refs["audio_codes10"][0, 0]) <= 1e-3
+
+
+def test_waveform_100_codes(model, ge, refs, inputs, file_refs):
+    codes = refs["t2s_greedy_tokens"]
+    assert codes.shape == (100,)
+    got = model.decode(codes, inputs["phones"], ge=ge, noise_scale=0.0)
+    assert got.shape == (100 * 1280,) and got.dtype == np.float32
+    assert rel_err(got, file_refs["audio_codes100"][0, 0]) <= 1e-3
+    # refs.npz decoded the same tokens with the in-memory model: the same waveform
+    assert rel_err(got, refs["sov_audio_greedy_tokens"][0, 0]) <= 1e-3
+
+
+@pytest.mark.slow
+def test_waveform_400_codes(model, ge, file_refs):
+    """16 s of audio from 400 random codes and 120 random phones (about 2-3 minutes on mlx-cpu)."""
+    codes, phones = file_refs["in_codes400"].reshape(-1), file_refs["in_phones120"].reshape(-1)
+    got = model.decode(codes, phones, ge=ge, noise_scale=0.0)
+    assert got.shape == (400 * 1280,) and got.dtype == np.float32
+    assert rel_err(got, file_refs["audio_codes400"][0, 0]) <= 1e-3
+
+
+# -------------------------------------------------------------------------- safetensors cache
+
+
+@pytest.fixture(scope="module")
+def cache_file(model, tmp_path_factory) -> Path:
+    return save_sovits_safetensors(model, tmp_path_factory.mktemp("sovits_cache") / "voice.safetensors")
+
+
+def test_cache_round_trip_is_exact(model, cache_file, ge, inputs):
+    arrays, metadata = mx.load(str(cache_file), return_metadata=True)
+    assert metadata["format"] == SAFETENSORS_FORMAT
+    # sanitized: weight norm fused, MLX names, float32
+    assert not any("weight_g" in k or "weight_v" in k or k.startswith("enc_q.") for k in arrays)
+    assert all(v.dtype == mx.float32 for v in arrays.values())
+
+    loaded = load_sovits(cache_file)
+    assert loaded.config == model.config
+    want = dict(tree_flatten(model.parameters()))
+    got = dict(tree_flatten(loaded.parameters()))
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert got[key].dtype == mx.float32, key
+        np.testing.assert_array_equal(np.array(got[key]), np.array(value), err_msg=key)
+
+    args = (inputs["codes"][:5], inputs["phones"])
+    np.testing.assert_array_equal(loaded.decode(*args, ge=ge, noise_scale=0.0), model.decode(*args, ge=ge, noise_scale=0.0))
+
+
+def test_foreign_or_damaged_safetensors_is_refused(cache_file, tmp_path):
+    foreign = tmp_path / "some_other_model.safetensors"
+    mx.save_safetensors(str(foreign), {"x": mx.zeros((2, 2))}, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="not a SoVITS cache") as exc:
+        load_sovits(foreign)
+    assert str(foreign) in str(exc.value)
+
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(CheckpointError, match="not a readable safetensors") as exc:
+        load_sovits(damaged)
+    assert str(damaged) in str(exc.value)
+
+    # an interrupted copy: the header promises more data than the file holds
+    truncated = tmp_path / "truncated.safetensors"
+    raw = cache_file.read_bytes()
+    truncated.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match="not a readable safetensors") as exc:
+        load_sovits(truncated)
+    assert str(truncated) in str(exc.value)
+
+
+def test_cache_with_a_missing_tensor_is_refused(cache_file, tmp_path):
+    arrays, metadata = mx.load(str(cache_file), return_metadata=True)
+    del arrays["dec.conv_post.weight"]
+    partial = tmp_path / "partial.safetensors"
+    mx.save_safetensors(str(partial), arrays, metadata=metadata)
+    with pytest.raises(CheckpointError, match="missing.*dec.conv_post.weight") as exc:
+        load_sovits(partial)
+    assert str(partial) in str(exc.value)
+
+
+def test_convert_once_cache(fixtures, model, tmp_path, monkeypatch):
+    from dora_primespeech_mlx import convert
+
+    monkeypatch.setenv("DORA_PRIMESPEECH_MLX_CACHE", str(tmp_path))
+    first = convert.load_sovits_cached(fixtures.sovits_path)
+    entry = convert.cache_path("sovits", fixtures.sovits_path)
+    assert entry.is_file()
+    # the second load must come from the entry: reading the .pth again would fail
+    import dora_primespeech_mlx.models.sovits as sovits_module
+
+    def no_pth(path):
+        raise AssertionError(f"read {path} although its cache entry exists")
+
+    monkeypatch.setattr(sovits_module, "read_torch_file", no_pth)
+    second = convert.load_sovits_cached(fixtures.sovits_path)
+    want = dict(tree_flatten(model.parameters()))
+    for loaded in (first, second):
+        got = dict(tree_flatten(loaded.parameters()))
+        assert set(got) == set(want)
+        for key in ("quantizer.embed", "dec.ups.0.weight", "enc_p.text_embedding.weight"):
+            np.testing.assert_array_equal(np.array(got[key]), np.array(want[key]), err_msg=key)

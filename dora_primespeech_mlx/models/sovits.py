@@ -16,9 +16,10 @@ and is left out here.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,13 @@ from .hifigan import Conv1d, Generator
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SoVITS", "SoVITSConfig", "frame_noise", "load_sovits", "spectrogram"]
+__all__ = ["SoVITS", "SoVITSConfig", "frame_noise", "load_sovits", "save_sovits_safetensors", "spectrogram"]
 
 # v2 symbol table size (text/symbols2.py); v1 has 322.
 V2_SYMBOLS = 732
 V1_SYMBOLS = 322
+# metadata tag of the converted cache (`save_sovits_safetensors`); bump it if the layout changes
+SAFETENSORS_FORMAT = "dora-primespeech-mlx/sovits-v1"
 
 
 @dataclass
@@ -705,17 +708,67 @@ def check_version(path: str | Path, version_tag: str | None, config: dict, weigh
         )
 
 
+def _read_cache(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(config, sanitized weights) from a `.safetensors` cache written by `save_sovits_safetensors`."""
+    try:
+        arrays, metadata = mx.load(str(path), return_metadata=True)
+    except Exception as exc:  # noqa: BLE001 - MLX raises RuntimeError/ValueError for a damaged file
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({exc}); delete it and convert the SoVITS .pth again"
+        ) from None
+    if metadata.get("format") != SAFETENSORS_FORMAT or "config" not in metadata:
+        raise CheckpointError(
+            f"{path}: not a SoVITS cache written by save_sovits_safetensors (metadata format "
+            f"{metadata.get('format')!r}, expected {SAFETENSORS_FORMAT!r}); load the voice's SoVITS .pth instead"
+        )
+    try:
+        config = json.loads(metadata["config"])
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: the SoVITS cache's config metadata is not JSON ({exc})") from None
+    return config, {k: np.array(v) for k, v in arrays.items()}
+
+
 def load_sovits(path: str | Path, *, compile_vocoder: bool = False) -> SoVITS:
-    """Read a GPT-SoVITS v2 SoVITS `.pth` (torch-free) and return the loaded MLX model."""
+    """Read a GPT-SoVITS v2 SoVITS `.pth` (torch-free) or its `.safetensors` cache; return the MLX model.
+
+    The config comes from the file. Loading is strict: a missing, unexpected or mis-shaped tensor
+    raises `CheckpointError` naming the file, and so does a non-v2 checkpoint or a foreign cache.
+    """
     path = Path(path)
-    ckpt = read_torch_file(path)
-    obj = ckpt.obj
-    if not isinstance(obj, dict) or "weight" not in obj or "config" not in obj:
-        raise CheckpointError(f"{path}: expected a SoVITS checkpoint with 'weight' and 'config'; is this a GPT .ckpt?")
-    config = to_plain(obj["config"])
-    weights = dict(obj["weight"])
-    check_version(path, ckpt.version_tag, config, weights)
-    model = SoVITS(SoVITSConfig.from_dict(config), compile_vocoder=compile_vocoder)
+    if not path.is_file():
+        raise FileNotFoundError(f"SoVITS weights not found: {path} (pass SoVITS_weights/<voice>.pth or its cache)")
+    if path.suffix == ".safetensors":
+        config, weights = _read_cache(path)
+        version_tag = None
+    else:
+        ckpt = read_torch_file(path)
+        obj = ckpt.obj
+        if not isinstance(obj, dict) or "weight" not in obj or "config" not in obj:
+            raise CheckpointError(
+                f"{path}: expected a SoVITS checkpoint with 'weight' and 'config'; is this a GPT .ckpt?"
+            )
+        config, weights, version_tag = to_plain(obj["config"]), dict(obj["weight"]), ckpt.version_tag
+    check_version(path, version_tag, config, weights)
+    try:
+        cfg = SoVITSConfig.from_dict(config)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: bad SoVITS config ({exc})") from None
+    model = SoVITS(cfg, compile_vocoder=compile_vocoder)
+    # a cache holds already-sanitized weights; sanitize() is idempotent, so both forms go through it
     model.load_weights_from(weights, source=str(path))
     logger.info("loaded SoVITS %s (%d tensors)", path, len(weights))
     return model
+
+
+def save_sovits_safetensors(model: SoVITS, path: str | Path) -> Path:
+    """Write `model`'s sanitized parameters (float32) and config to a `.safetensors` cache.
+
+    The weights are stored after weight-norm fusion and in MLX layout, in float32 so that loading
+    the cache gives the very parameters of the model, bit for bit. `load_sovits` reads the file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {k: v.astype(mx.float32) for k, v in tree_flatten(model.parameters())}
+    metadata = {"format": SAFETENSORS_FORMAT, "config": json.dumps(asdict(model.config))}
+    mx.save_safetensors(str(path), arrays, metadata=metadata)
+    return path

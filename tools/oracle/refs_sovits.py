@@ -3,7 +3,9 @@
 refs.npz is computed by build_fixtures.py from the in-memory model, whose codebook (a buffer) is
 not rounded to fp16 while the file stores it in fp16; intermediate tensors (m_p, logs_p, z) then
 differ from what the file's weights give by ~1.5e-4 of their peak. This script loads the file the
-way a user would (fp16 -> fp32) and records what upstream computes from it, for several lengths.
+way a user would (fp16 -> fp32) and records what upstream computes from it, for several lengths:
+latents for 50 (speed 1, 1.1, noise 0.5), 100 and 400 codes; waveforms at noise 0 for 10, 100 and
+400 codes (`audio_codes{N}`, the 400-code one is 16 s of audio).
 
 Usage (oracle python): python refs_sovits.py FIXTURE_DIR OUT.npz
 """
@@ -13,10 +15,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import GPT_SoVITS  # noqa: F401  (puts its folder on sys.path for module/*)
 import numpy as np
 import torch
-
-import GPT_SoVITS  # noqa: F401  (puts its folder on sys.path for module/*)
 
 
 class HParams:
@@ -37,7 +38,7 @@ _utils = type(sys)("utils")
 _utils.HParams = HParams
 sys.modules["utils"] = _utils
 
-from module.models import SynthesizerTrn  # noqa: E402
+from module.models import SynthesizerTrn
 
 
 def main() -> None:
@@ -85,6 +86,9 @@ def main() -> None:
         latent(torch.from_numpy(refs["t2s_greedy_tokens"])[None, None], phones, tag="_codes100")
         latent(codes400, phones120, tag="_codes400")
         out_refs["audio_codes10"] = sov.decode(codes50[:, :, :10], phones, [spec], noise_scale=0.0).numpy()
+        codes100 = torch.from_numpy(refs["t2s_greedy_tokens"])[None, None]
+        out_refs["audio_codes100"] = sov.decode(codes100, phones, [spec], noise_scale=0.0).numpy()
+        out_refs["audio_codes400"] = sov.decode(codes400, phones120, [spec], noise_scale=0.0).numpy()
     np.savez(out, **out_refs)
 
 

@@ -9,6 +9,7 @@ INPUTS.npz holds `spec` (1, 1025, F) and, per NAME, `NAME_codes` (1, 1, N) and `
 """
 
 import json
+import os
 import sys
 import time
 from collections import defaultdict
@@ -18,36 +19,7 @@ import numpy as np
 import torch
 
 
-class HParams:
-    """Unpickling target for GPT-SoVITS utils.HParams (attribute bag)."""
-
-    def __init__(self, **kwargs):
-        self.__dict__.update(kwargs)
-
-    def __getitem__(self, key):
-        return getattr(self, key)
-
-    def items(self):
-        return self.__dict__.items()
-
-
-HParams.__module__ = "utils"
-_utils = type(sys)("utils")
-_utils.HParams = HParams
-sys.modules["utils"] = _utils
-
-from module.models import SynthesizerTrn
-
-
-def load(path: str) -> SynthesizerTrn:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    hps = ckpt["config"]
-    sov = SynthesizerTrn(hps.data.filter_length // 2 + 1, hps.train.segment_size // hps.data.hop_length,
-                         n_speakers=hps.data.n_speakers, **dict(hps.model.items()))
-    del sov.enc_q
-    missing, unexpected = sov.load_state_dict({k: v.float() for k, v in ckpt["weight"].items()}, strict=False)
-    assert not missing and not unexpected, (missing, unexpected)
-    return sov.eval()
+from upstream_sovits import SynthesizerTrn, load_sovits  # noqa: E402
 
 
 def timed_modules(sov: SynthesizerTrn) -> dict[str, torch.nn.Module]:
@@ -63,26 +35,41 @@ def timed_modules(sov: SynthesizerTrn) -> dict[str, torch.nn.Module]:
 
 def main() -> None:
     sovits_path, inputs_path, *names = sys.argv[1:]
-    sov = load(sovits_path)
+    device = os.environ.get("ORACLE_TORCH_DEVICE", "cpu")  # "cuda" on the GPU machine
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sov = load_sovits(sovits_path).to(device)
     inp = np.load(inputs_path)
-    spec = torch.from_numpy(inp["spec"]).float()
+    spec = torch.from_numpy(inp["spec"]).float().to(device)
     times: dict[str, float] = defaultdict(float)
     starts: dict[str, float] = {}
+
+    # hooks must return None (a pre-hook's value would replace the inputs); synchronize around each
+    # part so per-stage times are real on a GPU too
+    def start(name: str) -> None:
+        sync()
+        starts[name] = time.perf_counter()
+
+    def stop(name: str) -> None:
+        sync()
+        times[name] += time.perf_counter() - starts[name]
+
     for name, mod in timed_modules(sov).items():
-        mod.register_forward_pre_hook(lambda m, a, n=name: starts.__setitem__(n, time.perf_counter()))
-        mod.register_forward_hook(lambda m, a, o, n=name: times.__setitem__(n, times[n] + time.perf_counter() - starts[n]))
-    out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "runs": {}}
+        mod.register_forward_pre_hook(lambda m, a, n=name: start(n))
+        mod.register_forward_hook(lambda m, a, o, n=name: stop(n))
+    out = {"torch": torch.__version__, "device": device, "threads": torch.get_num_threads(), "runs": {}}
     with torch.no_grad():
         ge, _ = sov.build_decode_condition([spec])
         # warm-up on a short input (first-call allocations), as the MLX side warms up too
-        sov.decode(torch.from_numpy(inp[f"{names[0]}_codes"][:, :, :5]), torch.from_numpy(inp[f"{names[0]}_phones"]),
-                   [spec], noise_scale=0.5, ge=ge)
+        sov.decode(torch.from_numpy(inp[f"{names[0]}_codes"][:, :, :5]).to(device),
+                   torch.from_numpy(inp[f"{names[0]}_phones"]).to(device), [spec], noise_scale=0.5, ge=ge)
         for name in names:
-            codes = torch.from_numpy(inp[f"{name}_codes"])
-            phones = torch.from_numpy(inp[f"{name}_phones"])
+            codes = torch.from_numpy(inp[f"{name}_codes"]).to(device)
+            phones = torch.from_numpy(inp[f"{name}_phones"]).to(device)
             times.clear()
+            sync()
             t0 = time.perf_counter()
             audio = sov.decode(codes, phones, [spec], noise_scale=0.5, ge=ge)
+            sync()
             total = time.perf_counter() - t0
             seconds = audio.shape[-1] / 32000
             stages = {k: 1000 * v for k, v in times.items()}

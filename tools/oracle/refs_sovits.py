@@ -20,39 +20,13 @@ import numpy as np
 import torch
 
 
-class HParams:
-    """Unpickling target for GPT-SoVITS utils.HParams (attribute bag)."""
-
-    def __init__(self, **kwargs):
-        self.__dict__.update(kwargs)
-
-    def __getitem__(self, key):
-        return getattr(self, key)
-
-    def items(self):
-        return self.__dict__.items()
-
-
-HParams.__module__ = "utils"
-_utils = type(sys)("utils")
-_utils.HParams = HParams
-sys.modules["utils"] = _utils
-
-from module.models import SynthesizerTrn
+from upstream_sovits import load_sovits  # noqa: E402
 
 
 def main() -> None:
     fixture_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
     torch.set_num_threads(1)
-    ckpt = torch.load(fixture_dir / "model_dir/moyoyo/SoVITS_weights/doubao-mixed.pth", map_location="cpu",
-                      weights_only=False)
-    hps = ckpt["config"]
-    sov = SynthesizerTrn(hps.data.filter_length // 2 + 1, hps.train.segment_size // hps.data.hop_length,
-                         n_speakers=hps.data.n_speakers, **dict(hps.model.items()))
-    del sov.enc_q
-    missing, unexpected = sov.load_state_dict({k: v.float() for k, v in ckpt["weight"].items()}, strict=False)
-    assert not missing and not unexpected, (missing, unexpected)
-    sov.eval()
+    sov = load_sovits(fixture_dir / "model_dir/moyoyo/SoVITS_weights/doubao-mixed.pth")
     refs = np.load(fixture_dir / "refs.npz")
     codes50 = torch.from_numpy(refs["in_codes"])
     phones = torch.from_numpy(refs["in_phones_target"])

@@ -55,9 +55,10 @@ def inputs(refs):
 
 @pytest.fixture(scope="module")
 def greedy_steps(model, inputs):
-    """100 greedy steps with raw logits, as the oracle's reference decode (early_stop_num=99)."""
+    """100 greedy steps with raw logits, as the oracle's reference decode (early_stop_num=99); eager
+    (the compiled step is checked against these)."""
     return list(model.decode_steps(*inputs, top_k=1, top_p=1.0, temperature=1.0, repetition_penalty=1.35,
-                                   max_new_tokens=100, with_logits=True))
+                                   max_new_tokens=100, with_logits=True, compile=False))
 
 
 @pytest.fixture(scope="module")
@@ -316,3 +317,41 @@ def test_kv_cache_grows_in_blocks_like_concat():
         kc, vc = concat.update_and_fetch(k, v)
         assert mx.array_equal(ks, kc) and mx.array_equal(vs, vc)
     assert step.offset == concat.offset == 11 and step.keys.shape[2] == 12
+
+
+# ------------------------------------------------------------------------------ compiled decode
+
+
+def test_compiled_decode_matches_eager_on_the_gpt(fixtures, model, inputs, greedy_steps):
+    # by default load_t2s compiles on a GPU only (measured faster there, slower on mlx-cpu)
+    assert model.compile_decode == (mx.default_device().type == mx.gpu)
+    # load_t2s(compile=True) makes the compiled static-cache step the default of decode_steps;
+    # the eager reference is the first steps of the 100-step greedy run
+    compiled = load_t2s(fixtures.gpt_path, compile=True)
+    n = 6
+    steps = list(compiled.decode_steps(*inputs, top_k=1, max_new_tokens=n, with_logits=True))
+    assert compiled._compiled_steps, "compile=True did not take the compiled path"
+    assert [s.token for s in steps] == [s.token for s in greedy_steps[:n]]
+    d = np.abs(np.stack([s.logits for s in steps]) - np.stack([s.logits for s in greedy_steps[:n]])).max()
+    print(f"compiled vs eager per-step logits max|diff| ({n} steps): {d:.2e}")
+    assert d <= 1e-5
+
+
+@pytest.mark.parametrize("sampling", [{"top_k": 1}, {"top_k": 5, "top_p": 0.9, "temperature": 0.8, "seed": 5}])
+def test_compiled_step_crosses_buckets_like_eager(monkeypatch, sampling):
+    # 9 prefill positions + 30 steps with 8-position buckets: the static cache grows 4 times
+    import dora_primespeech_mlx.models.t2s as t2s_module
+
+    monkeypatch.setattr(t2s_module, "COMPILE_BLOCK", 8)
+    model = tiny_model(seed=1)
+    args = tiny_inputs()
+    ref = list(model.decode_steps(*args, max_new_tokens=30, with_logits=True, **sampling))
+    for compile_ in (False, True):  # the static cache eagerly, then through mx.compile
+        got = list(model.decode_steps(*args, max_new_tokens=30, with_logits=True, cache_kind="static",
+                                      compile=compile_, **sampling))
+        assert [s.token for s in got] == [s.token for s in ref], compile_
+        d = np.abs(np.stack([s.logits for s in got]) - np.stack([s.logits for s in ref])).max()
+        assert d <= 1e-5, (compile_, d)
+    assert len(model._compiled_steps) == 1
+    with pytest.raises(ValueError, match="static cache"):
+        next(model.decode_steps(*args, compile=True, cache_kind="concat"))

@@ -238,6 +238,17 @@ class Engine:
             self._prompts[key] = prompt
         return prompt
 
+    def warm_up(self, voice: Voice) -> float:
+        """Compile what compiles (the GPT's decode step on a GPU) with a 2-token synthesis, so the
+        first real request does not pay for it. Returns the seconds spent (0 when nothing compiles)."""
+        t2s, _ = self.voice_models(voice)
+        if not getattr(t2s, "compile_decode", False):
+            return 0.0
+        t0 = time.perf_counter()
+        self.synthesize("你好。" if voice.text_lang != "en" else "Hello.", voice,
+                        SynthesisOptions(max_new_tokens=2, fragment_interval=0.0))
+        return time.perf_counter() - t0
+
     # ------------------------------------------------------------------ synthesis
 
     def cancel(self) -> None:

@@ -283,6 +283,9 @@ class TTSService:
             self.engine = factory(self.config)
             voice = self._startup_voice()
             self._prepare(voice)
+            warm_up = getattr(self.engine, "warm_up", None)  # compiles the GPT step on a GPU
+            if warm_up is not None:
+                warm_up(voice)
         except Exception as exc:  # noqa: BLE001 - the node stays alive and reports the cause
             self.engine = None
             self.init_error = f"{type(exc).__name__}: {exc}"

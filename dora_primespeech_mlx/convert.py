@@ -112,3 +112,27 @@ def load_sovits_cached(source: Path):
     from .models.sovits import load_sovits, save_sovits_safetensors
 
     return load_cached("sovits", source, load_sovits, save_sovits_safetensors)
+
+
+def load_hf_weights_cached(folder: Path) -> dict:
+    """An HF folder's state dict, read once from `pytorch_model.bin` (torch pickle) and then from a
+    safetensors copy of the same tensors in the cache. Folders that already hold `model.safetensors`
+    are read directly."""
+    from safetensors.numpy import save_file
+
+    from .checkpoint import load_hf_weights, normalize_weight_norm_names, read_safetensors
+
+    folder = Path(folder)
+    source = folder / "pytorch_model.bin"
+    if (folder / "model.safetensors").exists() or not source.is_file():
+        return load_hf_weights(folder)
+
+    def load(path: Path) -> dict:
+        if path.suffix == ".safetensors":
+            return normalize_weight_norm_names(read_safetensors(path))
+        return load_hf_weights(folder)
+
+    def save(weights: dict, path: Path) -> None:
+        save_file({k: v for k, v in weights.items()}, str(path), metadata={"converter": CONVERTER_VERSION})
+
+    return load_cached("hf", source, load, save)

@@ -195,7 +195,7 @@ def parse_text_payload(raw: str) -> TextRequest:
     head, sep, rest = text[len("VOICE:"):].partition("|")
     name = head.strip()
     if not sep:
-        return TextRequest(text, notes=(f"'VOICE:' prefix without '|': speaking the text as given",))
+        return TextRequest(text, notes=("'VOICE:' prefix without '|': speaking the text as given",))
     if name == "CUSTOM":
         parts = rest.split("|", 3)
         if len(parts) != 4:

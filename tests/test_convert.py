@@ -97,3 +97,19 @@ def test_real_t2s_round_trip(cache, fixtures, tmp_path):
     w2 = dict(second.parameters()["ar_predict_layer"])["weight"]
     np.testing.assert_array_equal(np.array(w1), np.array(w2))
     assert direct.config == first.config
+
+
+def test_hf_folder_is_cached_as_safetensors(cache, fixtures, tmp_path, monkeypatch):
+    from dora_primespeech_mlx import checkpoint
+
+    folder = tmp_path / "hubert"
+    shutil.copytree(fixtures.hubert_dir, folder)
+    first = convert.load_hf_weights_cached(folder)
+    (entry,) = cache.glob("hf-*.safetensors")
+    # a second load reads the cache: the torch pickle is never opened again
+    monkeypatch.setattr(checkpoint, "read_torch_file", lambda *a, **k: pytest.fail("read the .bin again"))
+    second = convert.load_hf_weights_cached(folder)
+    assert set(first) == set(second) and "encoder.pos_conv_embed.conv.weight_g" in second
+    for key in first:
+        assert second[key].dtype == first[key].dtype
+        np.testing.assert_array_equal(second[key], first[key])

@@ -49,7 +49,6 @@ def resolve_model_dir() -> tuple[Path, bool]:
 
 
 def main() -> int:
-    t0 = time.perf_counter()
     model_dir, smoke = resolve_model_dir()
     print(f"model directory: {model_dir}{' (smoke voice)' if smoke else ''}")
     cli = [sys.executable, "-m", "dora_primespeech_mlx.cli"]

@@ -19,7 +19,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..checkpoint import CheckpointError, load_hf_weights
+from ..checkpoint import CheckpointError
+from ..convert import load_hf_weights_cached
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +273,7 @@ def load_bert(folder: str | Path) -> BertEncoderModel:
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc}); restore the original config.json") from None
     model = BertEncoderModel(cfg, load_tokenizer(folder))
-    weights = model.sanitize(load_hf_weights(folder))
+    weights = model.sanitize(load_hf_weights_cached(folder))
     try:
         model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
     except ValueError as exc:

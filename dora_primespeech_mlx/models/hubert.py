@@ -18,7 +18,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..checkpoint import CheckpointError, fuse_weight_norm, load_hf_weights, normalize_weight_norm_names
+from ..checkpoint import CheckpointError, fuse_weight_norm, normalize_weight_norm_names
+from ..convert import load_hf_weights_cached
 
 logger = logging.getLogger(__name__)
 
@@ -289,7 +290,7 @@ def load_hubert(folder: str | Path) -> HubertModel:
     folder = Path(folder)
     cfg = _read_config(folder, HubertConfig)
     model = HubertModel(cfg)
-    weights = model.sanitize(load_hf_weights(folder))
+    weights = model.sanitize(load_hf_weights_cached(folder))
     try:
         model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
     except ValueError as exc:

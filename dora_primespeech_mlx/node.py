@@ -8,7 +8,9 @@ event mentioning a timeout, and `None` means the event stream has ended.
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
 import sys
 
 from .node_service import NodeConfig, TTSService
@@ -65,7 +67,15 @@ def main() -> int:
     config = NodeConfig.from_env()
     node = Node()
     service = TTSService(config, make_engine)  # warm-up: engine and startup voice before the loop
-    return run(node, service)
+    code = run(node, service)
+    # Everything has been sent. Drop the node (dora's Rust side closes its outputs) and leave without
+    # running C++ static destructors: MLX used from the worker thread can otherwise abort the
+    # interpreter at exit ("terminate called without an active exception", seen once in CI).
+    del node, service
+    gc.collect()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

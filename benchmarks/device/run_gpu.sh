@@ -40,6 +40,7 @@ for step in "$@"; do
     t2s) python3 benchmarks/bench_t2s.py --tokens 100 500 --json "$OUT/bench_t2s.json" 2>&1 | tail -12 ;;
     sovits) python3 benchmarks/bench_sovits.py --json "$OUT/bench_sovits.json" 2>&1 | tail -12 ;;
     encoders) python3 benchmarks/bench_encoders.py --json "$OUT/bench_encoders.json" 2>&1 | tail -14 ;;
+    memory) python3 benchmarks/bench_memory.py --json "$OUT/bench_memory.json" 2>&1 | tail -4 ;;
     e2e) python3 benchmarks/bench_e2e.py --json "$OUT/bench_e2e.json" 2>&1 | tail -22 ;;
   esac
 done

@@ -136,16 +136,10 @@ class CoreMLBert:
 
     def phone_features(self, norm_text: str, word2ph: Sequence[int]) -> np.ndarray:
         """Phone-level features `(1024, sum(word2ph))` float32, as GPT-SoVITS builds them."""
-        word2ph = [int(n) for n in word2ph]
-        if len(word2ph) != len(norm_text):
-            raise ValueError(f"word2ph has {len(word2ph)} entries but norm_text has {len(norm_text)} characters; "
-                             "pass the norm_text and word2ph that the Chinese frontend returned together")
-        if any(n < 0 for n in word2ph):
-            raise ValueError("word2ph entries must be >= 0")
+        from ..models.bert import checked_word2ph
+
         ids = self.tokenize(norm_text)
-        if len(ids) - 2 < len(word2ph):
-            raise ValueError(f"norm_text {norm_text!r} gives {len(ids) - 2} tokens for {len(word2ph)} characters; "
-                             "BERT features need one token per character (Chinese text only)")
+        word2ph = checked_word2ph(norm_text, word2ph, len(ids))
         hidden = self.layer_output(ids)
         if hidden is None:
             if self._fallback is None:

@@ -205,20 +205,8 @@ class BertEncoderModel(nn.Module):
         Tokens of `norm_text` -> `hidden_states[-3]` -> drop `[CLS]`/`[SEP]` -> repeat row i `word2ph[i]` times.
         `word2ph` has one entry per character of `norm_text` (the Chinese frontend's output).
         """
-        word2ph = [int(n) for n in word2ph]
-        if len(word2ph) != len(norm_text):
-            raise ValueError(f"word2ph has {len(word2ph)} entries but norm_text has {len(norm_text)} characters; "
-                             "pass the norm_text and word2ph that the Chinese frontend returned together")
-        if any(n < 0 for n in word2ph):
-            raise ValueError("word2ph entries must be >= 0")
         ids = self.tokenize(norm_text)
-        n_chars = len(ids) - 2
-        if n_chars < len(word2ph):
-            raise ValueError(f"norm_text {norm_text!r} gives {n_chars} tokens for {len(word2ph)} characters; "
-                             "BERT features need one token per character (Chinese text only)")
-        if n_chars > len(word2ph):
-            logger.warning("norm_text %r gives %d tokens for %d characters; using the first ones as upstream does",
-                           norm_text, n_chars, len(word2ph))
+        word2ph = checked_word2ph(norm_text, word2ph, len(ids))
         hidden = self.hidden_states(ids, n_layers=self.phone_feature_layer)[-1][1:-1]  # (chars, hidden)
         return np.ascontiguousarray(np.repeat(hidden[: len(word2ph)], word2ph, axis=0).T)
 
@@ -239,6 +227,27 @@ class BertEncoderModel(nn.Module):
                 key = key.replace(".LayerNorm.gamma", ".LayerNorm.weight").replace(".LayerNorm.beta", ".LayerNorm.bias")
             out[key] = np.ascontiguousarray(value, dtype=np.float32)
         return out
+
+
+def checked_word2ph(norm_text: str, word2ph: Sequence[int], n_tokens: int) -> list[int]:
+    """`word2ph` as ints, checked against the text and its token count (with [CLS]/[SEP]).
+
+    Shared by every BERT backend's `phone_features` (MLX here, Core ML in coreml/runtime.py).
+    """
+    word2ph = [int(n) for n in word2ph]
+    if len(word2ph) != len(norm_text):
+        raise ValueError(f"word2ph has {len(word2ph)} entries but norm_text has {len(norm_text)} characters; "
+                         "pass the norm_text and word2ph that the Chinese frontend returned together")
+    if any(n < 0 for n in word2ph):
+        raise ValueError("word2ph entries must be >= 0")
+    n_chars = n_tokens - 2
+    if n_chars < len(word2ph):
+        raise ValueError(f"norm_text {norm_text!r} gives {n_chars} tokens for {len(word2ph)} characters; "
+                         "BERT features need one token per character (Chinese text only)")
+    if n_chars > len(word2ph):
+        logger.warning("norm_text %r gives %d tokens for %d characters; using the first ones as upstream does",
+                       norm_text, n_chars, len(word2ph))
+    return word2ph
 
 
 def load_tokenizer(folder: str | Path):

@@ -348,3 +348,21 @@ def test_convert_once_cache(fixtures, model, tmp_path, monkeypatch):
         assert set(got) == set(want)
         for key in ("quantizer.embed", "dec.ups.0.weight", "enc_p.text_embedding.weight"):
             np.testing.assert_array_equal(np.array(got[key]), np.array(want[key]), err_msg=key)
+
+
+@pytest.mark.parametrize("speed", [1.0, 1.1])
+def test_shape_buckets_leave_real_frames_unchanged(model, ge, inputs, audio, file_refs, speed):
+    """Flow and HiFi-GAN on a zero-padded, masked bucket (MLX-CUDA's default) give the audio of the
+    unpadded input: 10 codes = 20 frames (19 at speed 1.1) padded to 32."""
+    c, p = inputs["codes"][:10], inputs["phones"]
+    model.bucket_frames = 32
+    try:
+        got = model.decode(c, p, ge=ge, noise_scale=0.0, speed=speed)
+        padded = model.vocode(mx.zeros((1, 20, 192)), mx.array(ge)[None, None])
+    finally:
+        model.bucket_frames = 0
+    plain = audio["codes10"] if speed == 1.0 else model.decode(c, p, ge=ge, noise_scale=0.0, speed=speed)
+    assert got.shape == plain.shape and padded.shape == (1, 20 * 640, 1)
+    assert rel_err(got, plain) <= 1e-6
+    if speed == 1.0:
+        assert rel_err(got, file_refs["audio_codes10"][0, 0]) <= 1e-3

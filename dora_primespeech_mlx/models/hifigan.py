@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-__all__ = ["Conv1d", "Generator", "ResBlock1"]
+__all__ = ["Conv1d", "Generator", "ResBlock1", "frame_mask"]
 
 LRELU_SLOPE = 0.1
 
@@ -49,6 +49,15 @@ class Conv1d(nn.Conv1d):
         return y + self.bias if "bias" in self else y
 
 
+def _masked(x: mx.array, mask: mx.array | None) -> mx.array:
+    return x if mask is None else x * mask
+
+
+def frame_mask(length: int, valid: int) -> mx.array:
+    """(1, length, 1) float mask, 1 on the first `valid` positions."""
+    return (mx.arange(length) < valid).astype(mx.float32)[None, :, None]
+
+
 def _padding(kernel_size: int, dilation: int = 1) -> int:
     # "same" length for odd kernels
     return (kernel_size * dilation - dilation) // 2
@@ -67,10 +76,12 @@ class ResBlock1(nn.Module):
             Conv1d(channels, channels, kernel_size, padding=_padding(kernel_size, 1)) for _ in dilation
         ]
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, mask: mx.array | None = None) -> mx.array:
+        """`mask` (1, T, 1), 1 on valid frames: zeroes every convolution's input past them (see
+        `Generator.__call__`)."""
         for c1, c2 in zip(self.convs1, self.convs2):
-            t = c1(nn.leaky_relu(x, LRELU_SLOPE))
-            t = c2(nn.leaky_relu(t, LRELU_SLOPE))
+            t = c1(_masked(nn.leaky_relu(x, LRELU_SLOPE), mask))
+            t = c2(_masked(nn.leaky_relu(t, LRELU_SLOPE), mask))
             x = x + t
         return x
 
@@ -93,6 +104,7 @@ class Generator(nn.Module):
         self.conv_pre = Conv1d(initial_channel, upsample_initial_channel, 7, padding=3)
         self.ups = []
         self.resblocks = []
+        self._rates = tuple(int(u) for u in upsample_rates)
         ch = upsample_initial_channel
         for i, (u, k) in enumerate(zip(upsample_rates, upsample_kernel_sizes)):
             c_in, ch = upsample_initial_channel // (2**i), upsample_initial_channel // (2 ** (i + 1))
@@ -104,18 +116,27 @@ class Generator(nn.Module):
         if gin_channels:
             self.cond = nn.Conv1d(gin_channels, upsample_initial_channel, 1)
 
-    def __call__(self, x: mx.array, g: mx.array | None = None) -> mx.array:
-        """`x` (B, T, 192) latent, `g` (B, 1, 512) style vector -> (B, 640*T, 1) audio in [-1, 1]."""
-        x = self.conv_pre(x)
+    def __call__(self, x: mx.array, g: mx.array | None = None, valid: mx.array | None = None) -> mx.array:
+        """`x` (B, T, 192) latent, `g` (B, 1, 512) style vector -> (B, 640*T, 1) audio in [-1, 1].
+
+        `valid` (1, T, 1) marks real frames of a zero-padded `x` (a shape bucket). Every convolution
+        input is zeroed past them, at every resolution, so the audio of the real frames is what the
+        unpadded `x` gives (its convolutions zero-pad at the same place); only the summation order
+        may differ. The audio of padded frames is meaningless.
+        """
+        mask = valid
+        x = self.conv_pre(_masked(x, mask))
         if g is not None:
             x = x + self.cond(g)
         for i, up in enumerate(self.ups):
-            x = up(nn.leaky_relu(x, LRELU_SLOPE))
+            x = up(_masked(nn.leaky_relu(x, LRELU_SLOPE), mask))
+            if mask is not None:
+                mask = mx.repeat(mask, self._rates[i], axis=1)  # ConvTranspose: T -> T * rate
             blocks = self.resblocks[i * self.num_kernels : (i + 1) * self.num_kernels]
-            xs = blocks[0](x)
+            xs = blocks[0](x, mask)
             for block in blocks[1:]:
-                xs = xs + block(x)
+                xs = xs + block(x, mask)
             x = xs * (1.0 / self.num_kernels)
         # upstream calls F.leaky_relu with its default slope 0.01 here, not 0.1
-        x = self.conv_post(nn.leaky_relu(x, 0.01))
+        x = self.conv_post(_masked(nn.leaky_relu(x, 0.01), mask))
         return mx.tanh(x)

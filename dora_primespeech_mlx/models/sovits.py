@@ -29,7 +29,7 @@ from mlx import nn
 from mlx.utils import tree_flatten
 
 from ..checkpoint import CheckpointError, fuse_weight_norm, normalize_weight_norm_names, read_torch_file, to_plain
-from .hifigan import Conv1d, Generator
+from .hifigan import Conv1d, Generator, frame_mask
 
 logger = logging.getLogger(__name__)
 
@@ -279,14 +279,16 @@ class WN(nn.Module):
             nn.Conv1d(hidden, 2 * hidden if i < n_layers - 1 else hidden, 1) for i in range(n_layers)
         ]
 
-    def __call__(self, x: mx.array, g: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, g: mx.array, mask: mx.array | None = None) -> mx.array:
+        """`mask` (1, T, 1), 1 on real frames of a zero-padded input: the kernel-5 convolutions see
+        zeros past them, as upstream's `x_mask` gives, so real frames do not see the padding."""
         h = self.hidden
         g = self.cond_layer(g)  # (B, 1, 2*h*L)
         out = None
         n = len(self.in_layers)
         for i, (layer_in, layer_rs) in enumerate(zip(self.in_layers, self.res_skip_layers)):
             # the conditioning is added before the gate split: tanh(a + g), sigmoid(b + g')
-            a = layer_in(x) + g[..., 2 * h * i : 2 * h * (i + 1)]
+            a = layer_in(x if mask is None else x * mask) + g[..., 2 * h * i : 2 * h * (i + 1)]
             acts = mx.tanh(a[..., :h]) * mx.sigmoid(a[..., h:])
             rs = layer_rs(acts)
             if i < n - 1:
@@ -308,16 +310,16 @@ class ResidualCouplingLayer(nn.Module):
         self.enc = WN(hidden, kernel_size, n_layers, gin_channels)
         self.post = nn.Conv1d(hidden, self.half, 1)
 
-    def reverse(self, x: mx.array, g: mx.array) -> mx.array:
+    def reverse(self, x: mx.array, g: mx.array, mask: mx.array | None = None) -> mx.array:
         x0, x1 = x[..., : self.half], x[..., self.half :]
-        m = self.post(self.enc(self.pre(x0), g))
+        m = self.post(self.enc(self.pre(x0), g, mask))
         return mx.concatenate([x0, x1 - m], axis=-1)
 
 
 class Flip(nn.Module):
     """Reverse the channel order (no parameters; keeps the flow indices of the checkpoint)."""
 
-    def reverse(self, x: mx.array, g: mx.array) -> mx.array:
+    def reverse(self, x: mx.array, g: mx.array, mask: mx.array | None = None) -> mx.array:
         return x[..., ::-1]
 
 
@@ -331,9 +333,9 @@ class ResidualCouplingBlock(nn.Module):
             self.flows.append(ResidualCouplingLayer(channels, hidden, kernel_size, n_layers, gin_channels))
             self.flows.append(Flip())
 
-    def reverse(self, x: mx.array, g: mx.array) -> mx.array:
+    def reverse(self, x: mx.array, g: mx.array, mask: mx.array | None = None) -> mx.array:
         for flow in reversed(self.flows):
-            x = flow.reverse(x, g)
+            x = flow.reverse(x, g, mask)
         return x
 
 
@@ -493,6 +495,12 @@ class SoVITS(nn.Module):
         self.ref_enc = MelStyleEncoder(cfg.style_bins, 128, cfg.gin_channels)
         # a plain attribute (not a parameter): the compiled graph closes over the loaded weights
         self._vocoder = mx.compile(self.dec) if compile_vocoder else self.dec
+        # > 0: the flow and HiFi-GAN run on inputs zero-padded up to a multiple of this many frames,
+        # masked so real frames are unchanged. Why: MLX's CUDA backend pays ~100 ms for every new
+        # convolution shape (benchmarks/bench_shapes.py: a 2 s decode is 104-118 ms on a new length,
+        # 18 ms on a seen one), so a few bucket shapes beat one shape per utterance. Set by
+        # `load_sovits` per device.
+        self.bucket_frames = 0
 
     # ---------------------------------------------------------------- weights
 
@@ -626,7 +634,25 @@ class SoVITS(nn.Module):
 
     def vocode(self, z: mx.array, ge: mx.array) -> mx.array:
         """HiFi-GAN: latent (1, T', 192) + style (1, 1, 512) -> audio (1, 640 * T', 1), lazily."""
-        return self._vocoder(z, ge)
+        t = z.shape[1]
+        padded = self._bucket(t)
+        if padded == t:
+            return self._vocoder(z, ge)
+        z = mx.pad(z, [(0, 0), (0, padded - t), (0, 0)])
+        return self._vocoder(z, ge, frame_mask(padded, t))[:, : t * self.config.upsample_factor]
+
+    def flow_reverse(self, z_p: mx.array, ge: mx.array) -> mx.array:
+        """The reverse flow over (1, T', 192), in a shape bucket when `bucket_frames` is set."""
+        t = z_p.shape[1]
+        padded = self._bucket(t)
+        if padded == t:
+            return self.flow.reverse(z_p, ge)
+        z_p = mx.pad(z_p, [(0, 0), (0, padded - t), (0, 0)])
+        return self.flow.reverse(z_p, ge, frame_mask(padded, t))[:, :t]
+
+    def _bucket(self, frames: int) -> int:
+        b = self.bucket_frames
+        return frames if b <= 0 else -(-frames // b) * b
 
     # ---------------------------------------------------------------- internals (MLX, channels-last)
 
@@ -680,7 +706,7 @@ class SoVITS(nn.Module):
         else:
             eps = None
         z_p = m_p if eps is None else m_p + eps * mx.exp(logs_p) * noise_scale
-        z = self.flow.reverse(z_p, ge)
+        z = self.flow_reverse(z_p, ge)
         return m_p, logs_p, z
 
 
@@ -728,11 +754,21 @@ def _read_cache(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     return config, {k: np.array(v) for k, v in arrays.items()}
 
 
-def load_sovits(path: str | Path, *, compile_vocoder: bool = False) -> SoVITS:
+def default_bucket_frames() -> int:
+    """Shape bucket of the flow and vocoder for the current device: 32 frames (0.64 s) on a CUDA
+    GPU, where every new convolution shape costs ~100 ms; none on Metal and the CPU, which have no
+    per-shape planning, so padding would only add work."""
+    if mx.default_device().type != mx.DeviceType.gpu or mx.metal.is_available():
+        return 0
+    return 32
+
+
+def load_sovits(path: str | Path, *, compile_vocoder: bool = False, bucket_frames: int | None = None) -> SoVITS:
     """Read a GPT-SoVITS v2 SoVITS `.pth` (torch-free) or its `.safetensors` cache; return the MLX model.
 
     The config comes from the file. Loading is strict: a missing, unexpected or mis-shaped tensor
     raises `CheckpointError` naming the file, and so does a non-v2 checkpoint or a foreign cache.
+    `bucket_frames` (None: `default_bucket_frames()`) sets `SoVITS.bucket_frames`.
     """
     path = Path(path)
     if not path.is_file():
@@ -756,6 +792,7 @@ def load_sovits(path: str | Path, *, compile_vocoder: bool = False) -> SoVITS:
     model = SoVITS(cfg, compile_vocoder=compile_vocoder)
     # a cache holds already-sanitized weights; sanitize() is idempotent, so both forms go through it
     model.load_weights_from(weights, source=str(path))
+    model.bucket_frames = default_bucket_frames() if bucket_frames is None else max(0, int(bucket_frames))
     logger.info("loaded SoVITS %s (%d tensors)", path, len(weights))
     return model
 

@@ -188,7 +188,7 @@ class SoVITSStreamDecoder:
         if self.noise_scale != 0:
             eps = mx.array(self._draw_noise(n_out)[flow_start:n_out])[None]
             z_p = m_p + eps * mx.exp(logs_p) * self.noise_scale
-        z = model.flow.reverse(z_p, self._ge)[:, start - flow_start :]
+        z = model.flow_reverse(z_p, self._ge)[:, start - flow_start :]
         audio = np.array(model.vocode(z, self._ge)[0, :, 0], dtype=np.float32)  # samples of [start, n_out)
 
         hop = self.hop

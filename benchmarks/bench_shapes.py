@@ -1,0 +1,118 @@
+"""What a new input shape costs, stage by stage, against the same shape seen before.
+
+    python benchmarks/bench_shapes.py [--json out/bench_shapes.json]
+
+Every utterance has its own phone and code counts, so every stage sees shapes it has not seen
+before. On MLX's CUDA backend a new shape can pay for kernel selection or JIT (convolution plans,
+fused kernels) on top of the work; on Metal far less. This script times each stage on a shape it
+meets for the first time ("cold") and again ("warm"), on the oracle's smoke voice, so the streaming
+and bucketing choices in the engine rest on figures. JSON to out/bench_shapes.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools" / "oracle"))
+
+from dora_primespeech_mlx.engine import Engine
+from dora_primespeech_mlx.options import SynthesisOptions
+
+TEXT = "欢迎使用GPT-SoVITS语音合成，这个demo运行在Apple的MLX框架上。它支持中文和English混合的句子。"
+
+
+def timed(fn, *args, **kwargs) -> tuple[float, object]:
+    mx.synchronize()
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    if isinstance(out, mx.array):
+        mx.eval(out)
+    mx.synchronize()
+    return (time.perf_counter() - t0) * 1e3, out
+
+
+def cold_warm(fn, sizes: list[int]) -> list[dict]:
+    """`fn(size)` on each size twice in a row: first time (cold) and again (warm), ms."""
+    rows = []
+    for n in sizes:
+        cold, _ = timed(fn, n)
+        warm, _ = timed(fn, n)
+        rows.append({"size": n, "cold_ms": cold, "warm_ms": warm})
+        print(f"  size {n:>5}: cold {cold:8.1f} ms  warm {warm:8.1f} ms", flush=True)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", type=Path, default=ROOT / "out" / "bench_shapes.json")
+    ap.add_argument("--tokens", type=int, default=50)
+    args = ap.parse_args()
+    import oracle_env
+
+    model_dir = oracle_env.ensure_fixtures() / "model_dir"
+    engine = Engine(model_dir)
+    voice = engine.registry.get("Doubao")
+    t2s, sovits = engine.voice_models(voice)
+    prompt = engine.prepare_voice(voice)
+    rng = np.random.default_rng(0)
+    report: dict = {"machine": platform.platform(), "mlx": mx.__version__, "device": str(mx.default_device())}
+    ge = mx.array(prompt.style)[None, None]
+
+    def decode(n: int):
+        return sovits.decode(rng.integers(0, 1024, n), rng.integers(1, 300, 30), ge=prompt.style, seed=0)
+
+    def vocode(n: int):
+        return sovits.vocode(mx.array(rng.standard_normal((1, n, 192)).astype(np.float32)), ge)
+
+    def flow(n: int):
+        return sovits.flow_reverse(mx.array(rng.standard_normal((1, n, 192)).astype(np.float32)), ge)
+
+    def enc_p(n: int):
+        codes = rng.integers(0, 1024, n)
+        m, _ = sovits.enc_p(sovits._frames(codes), mx.array(rng.integers(1, 300, 30).astype(np.int32))[None], ge)
+        return m
+
+    def bert(n: int):
+        text = "欢迎使用语音合成这个运行在框架上它支持中文和混合的句子"[:n]
+        return engine.bert().phone_features(text, [2] * len(text))
+
+    def prefill(n: int):
+        phones = rng.integers(1, 300, n)
+        b = np.zeros((1024, n), np.float32)
+        return t2s.prefill_logits(phones, b, prompt.prompt_codes)
+
+    for name, fn, sizes in (("sovits_decode_codes", decode, [50, 51, 75, 50]), ("vocode_frames", vocode, [78, 100, 101]),
+                            ("flow_frames", flow, [110, 111]), ("enc_p_codes", enc_p, [25, 26, 75]),
+                            ("bert_chars", bert, [10, 11, 12]), ("t2s_prefill_phones", prefill, [60, 61])):
+        print(name, flush=True)
+        report[name] = cold_warm(fn, sizes)
+
+    options = SynthesisOptions(max_new_tokens=args.tokens, seed=0)
+    engine.warm_up(voice)
+    runs = []
+    for i in range(3):
+        for streaming in (False, True):
+            t0 = time.perf_counter()
+            arrivals = [time.perf_counter() - t0 for _ in engine.synthesize_stream(TEXT, voice, options,
+                                                                                     streaming=streaming)]
+            runs.append({"run": i, "streaming": streaming, "first_chunk_s": arrivals[0], "total_s": arrivals[-1],
+                         "arrivals_s": arrivals})
+            print(f"run {i} streaming={streaming}: first {arrivals[0]:.3f} s total {arrivals[-1]:.3f} s", flush=True)
+    report["engine_runs"] = runs
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=1))
+    print(f"JSON: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

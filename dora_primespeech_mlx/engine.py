@@ -18,6 +18,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,6 +105,8 @@ class Engine:
         self._coreml_tried = False
         self._cancel = threading.Event()
         self._lock = threading.RLock()
+        # default of synthesize_stream(prefetch_text=None); see benchmarks/bench_e2e.py --prefetch
+        self.prefetch_text = False
         # Chinese polyphones: G2PW when $PRIMESPEECH_MODEL_DIR/G2PWModel/g2pW.onnx exists, else pypinyin
         from .text.g2pw import configure_g2pw
 
@@ -188,6 +191,13 @@ class Engine:
     def iter_phone_sentences(self, text: str, language: str, *, split: bool = True) -> Iterator[PhoneSentence]:
         """`phone_sentences`, lazily: each sentence's frontend and BERT run only when it is needed,
         so the first sentence's audio does not wait for the rest of a long text."""
+        for sentence in self._text_sentences(text, language, split=split):
+            yield self._with_bert(sentence)
+
+    @staticmethod
+    def _text_sentences(text: str, language: str, *, split: bool = True) -> Iterator:
+        """The text frontend alone (normalisation, G2P), sentence by sentence: no MLX, so it may run
+        on another thread."""
         from .text.frontend import piece_to_sentence
         from .text.segment import check_language_mode, split_sentences
 
@@ -197,16 +207,20 @@ class Engine:
             sentence = piece_to_sentence(piece, language)
             if not sentence.norm_text and split:
                 continue  # upstream drops pieces that normalise to nothing
-            ids = np.asarray(sentence.phone_ids, np.int64)
-            if ids.size == 0:
+            if len(sentence.phone_ids) == 0:
                 continue
-            feats = []
-            for seg in sentence.segments:
-                if seg.needs_bert and seg.word2ph:
-                    feats.append(self.bert().phone_features(seg.norm_text, seg.word2ph))
-                else:
-                    feats.append(np.zeros((BERT_DIM, len(seg.phone_ids)), np.float32))
-            yield PhoneSentence(sentence.text, ids, np.concatenate(feats, axis=1).astype(np.float32))
+            yield sentence
+
+    def _with_bert(self, sentence) -> PhoneSentence:
+        """Phone ids + BERT features (RoBERTa for Chinese spans, zeros otherwise) of one sentence."""
+        feats = []
+        for seg in sentence.segments:
+            if seg.needs_bert and seg.word2ph:
+                feats.append(self.bert().phone_features(seg.norm_text, seg.word2ph))
+            else:
+                feats.append(np.zeros((BERT_DIM, len(seg.phone_ids)), np.float32))
+        return PhoneSentence(sentence.text, np.asarray(sentence.phone_ids, np.int64),
+                             np.concatenate(feats, axis=1).astype(np.float32))
 
     # ------------------------------------------------------------------ voices
 
@@ -239,12 +253,19 @@ class Engine:
         return prompt
 
     def warm_up(self, voice: Voice) -> float:
-        """Compile what compiles (the GPT's decode step on a GPU) with a 2-token synthesis, so the
-        first real request does not pay for it. Returns the seconds spent (0 when nothing compiles)."""
-        t2s, _ = self.voice_models(voice)
-        if not getattr(t2s, "compile_decode", False):
+        """Pay one-off costs before the first request: on a GPU, trace the compiled GPT step for every
+        cache block up to 1024 positions and run a 2-token synthesis; with SoVITS shape buckets (CUDA),
+        run each bucket shape up to 256 frames once. Returns the seconds spent (0 on the CPU)."""
+        t2s, sovits = self.voice_models(voice)
+        if not getattr(t2s, "compile_decode", False) and not getattr(sovits, "bucket_frames", 0):
             return 0.0
         t0 = time.perf_counter()
+        if sovits.bucket_frames:
+            sovits.warm_up_buckets(256)
+        if t2s.compile_decode:
+            defaults = SynthesisOptions()
+            t2s.warm_up_compiled(1024, top_k=defaults.top_k, top_p=defaults.top_p, temperature=defaults.temperature,
+                                 repetition_penalty=defaults.repetition_penalty)
         self.synthesize("你好。" if voice.text_lang != "en" else "Hello.", voice,
                         SynthesisOptions(max_new_tokens=2, fragment_interval=0.0))
         return time.perf_counter() - t0
@@ -257,7 +278,8 @@ class Engine:
 
     def synthesize_stream(self, text: str, voice: Voice | str, options: SynthesisOptions | None = None, *,
                           streaming: bool = True, first_chunk_tokens: int = 25, chunk_tokens: int = 50,
-                          on_token: Callable[[int], None] | None = None) -> Iterator[AudioChunk]:
+                          on_token: Callable[[int], None] | None = None,
+                          prefetch_text: bool | None = None) -> Iterator[AudioChunk]:
         """Yield the utterance as `AudioChunk`s, sentence by sentence, the very last with `is_final`.
 
         With `streaming` (default) audio starts while the GPT is still generating: SoVITS decodes
@@ -266,7 +288,9 @@ class Engine:
         whole-sentence decode only where a window had not yet seen later tokens. Without it, one
         chunk per sentence from a whole-sentence decode (what `synthesize` joins). Each sentence's
         last chunk carries its `fragment_interval` of silence. Timings are seconds; `elapsed_s` is the
-        time from the call to that chunk (first-audio latency for the first one).
+        time from the call to that chunk (first-audio latency for the first one). `prefetch_text`
+        (None: the engine's `prefetch_text`) runs the next sentence's text frontend on a worker
+        thread while this sentence decodes; its BERT stays on the calling thread.
         """
         self._cancel.clear()
         t_start = time.perf_counter()
@@ -275,12 +299,15 @@ class Engine:
         language = options.text_lang or voice.text_lang
         speed = options.speed if options.speed is not None else voice.speed_factor
         interval = DEFAULT_FRAGMENT_INTERVAL if options.fragment_interval is None else options.fragment_interval
+        prefetch = self.prefetch_text if prefetch_text is None else prefetch_text
+        pool = ThreadPoolExecutor(1, thread_name_prefix="frontend") if prefetch else None
         try:
             prompt = self.prepare_voice(voice)
             t2s, sovits = self.voice_models(voice)
-            sentences = self.iter_phone_sentences(text, language)
+            texts = self._text_sentences(text, language)
             t0 = time.perf_counter()
-            upcoming = next(sentences, None)
+            first = next(texts, None)
+            upcoming = None if first is None else self._with_bert(first)
             frontend_s = time.perf_counter() - t0
             if upcoming is None:
                 raise ValueError(f"text {text[:60]!r} has nothing to speak after normalisation")
@@ -288,6 +315,8 @@ class Engine:
             while upcoming is not None:
                 index += 1
                 sentence = upcoming
+                # the next sentence's text frontend runs on the pool while this one's GPT decodes
+                pending = pool.submit(next, texts, None) if pool is not None else None
                 seed = None if options.seed is None else options.seed + index
                 decoder = None
                 if streaming:
@@ -336,12 +365,16 @@ class Engine:
                                           speed=speed, noise_scale=options.noise_scale, seed=seed)
                 timings["sovits_s"] += time.perf_counter() - t2
                 t3 = time.perf_counter()
-                upcoming = next(sentences, None)  # the next sentence's frontend + BERT: is this one the last?
+                # the next sentence's frontend + BERT: is this one the last?
+                following = pending.result() if pending is not None else next(texts, None)
+                upcoming = None if following is None else self._with_bert(following)
                 timings["frontend_next_s"] = time.perf_counter() - t3
                 silence = np.zeros(int(round(interval * self.sample_rate)), np.float32)
                 yield self._chunk(np.concatenate([audio.astype(np.float32), silence]), index, chunk_index,
                                   upcoming is None, timings, t_start)
         finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)  # the frontend thread holds no MLX state
             mx.clear_cache()  # release buffers between requests
 
     def _chunk(self, audio: np.ndarray, sentence: int, chunk: int, final: bool, timings: dict,

@@ -355,3 +355,33 @@ def test_compiled_step_crosses_buckets_like_eager(monkeypatch, sampling):
     assert len(model._compiled_steps) == 1
     with pytest.raises(ValueError, match="static cache"):
         next(model.decode_steps(*args, compile=True, cache_kind="concat"))
+
+
+def test_warm_up_traces_each_block_and_changes_nothing(monkeypatch):
+    """`warm_up_compiled` runs the compiled step on every cache capacity up to its limit (dummy
+    inputs, results dropped): a decode afterwards equals one without warm-up."""
+    import dora_primespeech_mlx.models.t2s as t2s_module
+
+    monkeypatch.setattr(t2s_module, "COMPILE_BLOCK", 8)
+    args = tiny_inputs()
+    cold = tiny_model(seed=1)
+    ref = list(cold.decode_steps(*args, max_new_tokens=20, with_logits=True, compile=True, top_k=1))
+    warm = tiny_model(seed=1)
+    traced = []
+    original = warm._static_step
+
+    def spy(sample, compiled):
+        fn = original(sample, compiled)
+
+        def call(token, audio_pos, offset, seen, key, eos_allowed, keys, values):
+            traced.append(keys[0].shape[2])
+            return fn(token, audio_pos, offset, seen, key, eos_allowed, keys, values)
+
+        return call
+
+    monkeypatch.setattr(warm, "_static_step", spy)
+    assert warm.warm_up_compiled(30, top_k=1) > 0
+    assert traced == [8, 16, 24]  # capacities up to 30 positions in 8-position blocks
+    got = list(warm.decode_steps(*args, max_new_tokens=20, with_logits=True, compile=True, top_k=1))
+    assert [s.token for s in got] == [s.token for s in ref]
+    assert np.abs(np.stack([s.logits for s in got]) - np.stack([s.logits for s in ref])).max() == 0.0

@@ -42,6 +42,6 @@ for step in "$@"; do
     encoders) python3 benchmarks/bench_encoders.py --json "$OUT/bench_encoders.json" 2>&1 | tail -14 ;;
     memory) python3 benchmarks/bench_memory.py --json "$OUT/bench_memory.json" 2>&1 | tail -4 ;;
     shapes) python3 benchmarks/bench_shapes.py --json "$OUT/bench_shapes.json" 2>&1 | tail -40 ;;
-    e2e) python3 benchmarks/bench_e2e.py --json "$OUT/bench_e2e.json" 2>&1 | tail -22 ;;
+    e2e) python3 benchmarks/bench_e2e.py --prefetch --json "$OUT/bench_e2e.json" 2>&1 | tail -30 ;;
   esac
 done

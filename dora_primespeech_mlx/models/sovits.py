@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -649,6 +650,18 @@ class SoVITS(nn.Module):
             return self.flow.reverse(z_p, ge)
         z_p = mx.pad(z_p, [(0, 0), (0, padded - t), (0, 0)])
         return self.flow.reverse(z_p, ge, frame_mask(padded, t))[:, :t]
+
+    def warm_up_buckets(self, max_frames: int = 256) -> float:
+        """Run the flow and HiFi-GAN once per bucket shape up to `max_frames` (through the masked path
+        real inputs take), so no request pays a new shape's set-up. No-op without buckets. Seconds."""
+        t0 = time.perf_counter()
+        b = self.bucket_frames
+        if b > 0:
+            ge = mx.zeros((1, 1, self.config.gin_channels))
+            for frames in range(b, max_frames + 1, b):
+                z = mx.zeros((1, frames - 1, self.config.inter_channels))
+                mx.eval(self.flow_reverse(z, ge), self.vocode(z, ge))
+        return time.perf_counter() - t0
 
     def _bucket(self, frames: int) -> int:
         b = self.bucket_frames

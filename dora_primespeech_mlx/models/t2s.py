@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -498,6 +499,24 @@ class T2S(nn.Module):
             return logits, token, packed, seen, key
 
         return advance
+
+    def warm_up_compiled(self, max_positions: int = 1024, *, top_k: int | None = 5, top_p: float = 1.0,
+                         temperature: float = 1.0, repetition_penalty: float = 1.35) -> float:
+        """Trace the compiled decode step for every K/V capacity up to `max_positions` (one trace per
+        `COMPILE_BLOCK`), for one sampling setting, so a long utterance does not stop mid-sentence to
+        re-trace when its cache outgrows a block. Returns the seconds spent."""
+        t0 = time.perf_counter()
+        cfg = self.config
+        fn = self._static_step(self._sample_fn(top_k, top_p, temperature, repetition_penalty), True)
+        seen = mx.zeros((cfg.vocab_size,), dtype=mx.bool_)
+        key = mx.random.key(0)
+        for capacity in range(COMPILE_BLOCK, max(max_positions, COMPILE_BLOCK) + 1, COMPILE_BLOCK):
+            shape = (1, cfg.head, capacity, cfg.head_dim)
+            kv = [mx.zeros(shape, dtype=self.ar_predict_layer.weight.dtype) for _ in range(cfg.n_layer)]
+            out = fn(mx.array([0]), mx.array(0, dtype=mx.int32), mx.array(0, dtype=mx.int32), seen, key,
+                     mx.array(False), kv, list(kv))
+            mx.eval(out)
+        return time.perf_counter() - t0
 
     def _static_step(self, sample, compiled: bool):
         """The pure decode step `(token, audio_pos, offset, seen, key, eos_allowed, keys, values) ->

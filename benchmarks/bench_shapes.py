@@ -96,11 +96,33 @@ def main() -> int:
         print(name, flush=True)
         report[name] = cold_warm(fn, sizes)
 
+    # compiled GPT decode across K/V cache blocks: the slowest step with and without warm-up tracing
+    from dora_primespeech_mlx.models.t2s import load_t2s
+
+    phones = rng.integers(1, 300, 60)
+    bert_in = np.zeros((1024, 60), np.float32)
+    for warmed in (False, True):
+        model = load_t2s(voice.gpt_weights, compile=True)
+        warm_s = model.warm_up_compiled(1024) if warmed else 0.0
+        times, t_prev = [], time.perf_counter()
+        for _ in model.decode_steps(phones, bert_in, prompt.prompt_codes, max_new_tokens=600, seed=0):
+            now = time.perf_counter()
+            times.append((now - t_prev) * 1e3)
+            t_prev = now
+        slow = sorted(range(len(times)), key=lambda i: -times[i])[:4]
+        report[f"t2s_decode_600_{'warmed' if warmed else 'cold'}"] = {
+            "warm_up_s": warm_s, "median_ms": float(np.median(times)), "slowest": [(i, times[i]) for i in slow],
+            "positions_at_start": int(phones.size + prompt.prompt_codes.size)}
+        print(f"GPT 600 tokens compiled, warm-up {warm_s:.2f} s: median {np.median(times):.2f} ms, slowest steps "
+              + ", ".join(f"#{i} {times[i]:.0f} ms" for i in slow), flush=True)
+
     options = SynthesisOptions(max_new_tokens=args.tokens, seed=0)
-    engine.warm_up(voice)
+    t0 = time.perf_counter()
+    report["engine_warm_up_s"] = engine.warm_up(voice)
+    print(f"engine warm-up {report['engine_warm_up_s']:.2f} s", flush=True)
     runs = []
     for i in range(3):
-        for streaming in (False, True):
+        for streaming in (False, True):  # each text once before: later runs see no new shape
             t0 = time.perf_counter()
             arrivals = [time.perf_counter() - t0 for _ in engine.synthesize_stream(TEXT, voice, options,
                                                                                      streaming=streaming)]

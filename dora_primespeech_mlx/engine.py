@@ -91,7 +91,15 @@ class Engine:
 
     def __init__(self, model_dir: str | Path | None = None, *, use_ane: bool = False,
                  registry: VoiceRegistry | None = None, max_loaded_voices: int = 3,
-                 tokens_per_phone: float = 10.0):
+                 tokens_per_phone: float = 10.0, precision: str = "fp32"):
+        """`precision` "fp32" (default, the parity-tested path) or, opt-in, "fp16"/"bf16"/"int8": the
+        GPT in that precision (`models.t2s.apply_precision`) and RoBERTa in fp16; SoVITS and HuBERT
+        stay fp32. Bounds: tests/test_precision.py; figures: benchmarks/bench_precision.py."""
+        from .models.t2s import PRECISIONS
+
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
         self.registry = registry or VoiceRegistry(model_dir)
         self.sample_rate = SAMPLE_RATE
         self.use_ane = use_ane
@@ -132,7 +140,8 @@ class Engine:
             from .models.bert import load_bert
 
             t0 = time.perf_counter()
-            self._bert = load_bert(self._require(self.moyoyo / "chinese-roberta-wwm-ext-large"))
+            self._bert = load_bert(self._require(self.moyoyo / "chinese-roberta-wwm-ext-large"),
+                                   dtype=mx.float32 if self.precision == "fp32" else mx.float16)
             logger.info("RoBERTa loaded in %.2f s", time.perf_counter() - t0)
         return self._bert
 
@@ -164,9 +173,10 @@ class Engine:
                 self._models.move_to_end(key)
                 return self._models[key]
             from .convert import load_sovits_cached, load_t2s_cached
+            from .models.t2s import apply_precision
 
             t0 = time.perf_counter()
-            models = (load_t2s_cached(self._require(voice.gpt_weights)),
+            models = (apply_precision(load_t2s_cached(self._require(voice.gpt_weights)), self.precision),
                       load_sovits_cached(self._require(voice.sovits_weights)))
             logger.info("voice %r: GPT and SoVITS loaded in %.2f s", voice.id, time.perf_counter() - t0)
             self._models[key] = models

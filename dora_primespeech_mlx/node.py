@@ -22,7 +22,7 @@ def make_engine(config: NodeConfig):
     """The real engine; imported here so a missing or broken engine is an init error, not a crash."""
     from .engine import Engine
 
-    return Engine(config.model_dir, use_ane=config.use_ane)
+    return Engine(config.model_dir, use_ane=config.use_ane, precision=config.precision)
 
 
 def _is_timeout(event: dict) -> bool:

@@ -40,6 +40,7 @@ UNNEEDED_ENV = ("USE_GPU", "DEVICE", "NUM_THREADS", "BATCH_SIZE", "TEXT_SPLIT_ME
                 "ENABLE_INTERNAL_SEGMENTATION", "TTS_MAX_SEGMENT_LENGTH", "TTS_MIN_SEGMENT_LENGTH",
                 "SAMPLE_RATE", "REPOSITORY", "GPT_MODEL_PATH", "SOVITS_MODEL_PATH", "REFERENCE_AUDIO_PATH")
 UNSUPPORTED_LANGS = ("ja", "ko", "yue", "auto_yue", "all_ja", "all_ko", "all_yue")
+PRECISION_CHOICES = ("fp32", "fp16", "bf16", "int8")  # models.t2s.PRECISIONS, without importing MLX
 
 Send = Callable[[str, pa.Array, dict], None]
 
@@ -68,6 +69,7 @@ class NodeConfig:
     voice_name: str = "Doubao"
     model_dir: Path = Path("~/.dora/models/primespeech").expanduser()
     use_ane: bool = False
+    precision: str = "fp32"  # PRECISION: fp32 (default) | fp16 | bf16 | int8 (opt-in, docs/performance.md)
     text_lang: str | None = None
     prompt_text: str | None = None
     speed_factor: float | None = None
@@ -121,6 +123,8 @@ class NodeConfig:
             voice_name=(env.get("VOICE_NAME") or "Doubao").strip(),
             model_dir=model_dir,
             use_ane=get("USE_ANE", parse_bool, False),
+            precision=get("PRECISION", str.lower, "fp32", lambda v: v in PRECISION_CHOICES,
+                          f"use one of {', '.join(PRECISION_CHOICES)}"),
             text_lang=text_lang,
             prompt_text=env.get("PROMPT_TEXT") or None,
             speed_factor=get("SPEED_FACTOR", float, None, lambda v: 0.25 <= v <= 4.0, "use 0.25-4.0"),

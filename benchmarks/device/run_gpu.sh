@@ -7,7 +7,7 @@
 #   .gpu/a: mlx-cuda-13 wheel part aa + text-frontend wheels      -> run with `stage`
 #   .gpu/b: part ab, mlx, gpt-sovits-cpufast, soundfile, soxr, cffi -> `stage`
 #   .gpu/c: jieba, jieba_fast (cp312)                              -> `stage install <steps>`
-# Steps: stage install parity tests t2s sovits encoders e2e. Results go to $OUT.
+# Steps: stage install parity tests t2s sovits encoders memory shapes precision e2e. Results go to $OUT.
 set -euo pipefail
 STAGE=/tmp/wheelstage
 DEPS=/tmp/pydeps
@@ -35,12 +35,14 @@ for step in "$@"; do
         | tee -a "$OUT/gpu.txt"
       python3 tools/oracle/oracle_env.py fixtures > "$OUT/fixtures.log" 2>&1 ;;
     parity) python3 benchmarks/parity_report.py --json "$OUT/parity.json" > "$OUT/parity.log" 2>&1 || tail -20 "$OUT/parity.log" ;;
-    tests) python3 -m pytest -q -p no:cacheprovider tests/test_t2s.py tests/test_sovits.py tests/test_encoders.py \
+    tests) python3 -m pytest -q -p no:cacheprovider tests/test_t2s.py tests/test_sovits.py tests/test_sovits_stream.py \
+             tests/test_encoders.py tests/test_precision.py \
              > "$OUT/tests.log" 2>&1 || true; tail -5 "$OUT/tests.log" ;;
     t2s) python3 benchmarks/bench_t2s.py --tokens 100 500 --json "$OUT/bench_t2s.json" 2>&1 | tail -12 ;;
     sovits) python3 benchmarks/bench_sovits.py --json "$OUT/bench_sovits.json" 2>&1 | tail -12 ;;
     encoders) python3 benchmarks/bench_encoders.py --json "$OUT/bench_encoders.json" 2>&1 | tail -14 ;;
     memory) python3 benchmarks/bench_memory.py --json "$OUT/bench_memory.json" 2>&1 | tail -4 ;;
+    precision) python3 benchmarks/bench_precision.py --json "$OUT/bench_precision.json" 2>&1 | tail -8 ;;
     shapes) python3 benchmarks/bench_shapes.py --json "$OUT/bench_shapes.json" 2>&1 | tail -40 ;;
     e2e) python3 benchmarks/bench_e2e.py --prefetch --json "$OUT/bench_e2e.json" 2>&1 | tail -30 ;;
   esac

@@ -191,7 +191,7 @@ class BertEncoderModel(nn.Module):
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got {ids.min()}..{ids.max()}")
         hs = self.forward_hidden(mx.array(ids.astype(np.int32))[None], n_layers)
         mx.eval(hs)
-        return [np.array(h[0]) for h in hs]
+        return [np.array(h[0].astype(mx.float32)) for h in hs]
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text` with `[CLS]`/`[SEP]`, as the HF tokenizer of the folder gives them."""
@@ -267,10 +267,13 @@ def load_tokenizer(folder: str | Path):
                             "folder from the PrimeSpeech download into place")
 
 
-def load_bert(folder: str | Path) -> BertEncoderModel:
+def load_bert(folder: str | Path, *, dtype: mx.Dtype = mx.float32) -> BertEncoderModel:
     """Load chinese-roberta-wwm-ext-large from an HF folder (`model.safetensors` or `pytorch_model.bin`, no torch).
 
-    Every encoder parameter must come from the file (strict load); fp32 compute.
+    Every encoder parameter must come from the file (strict load). fp32 compute by default;
+    `dtype=mx.float16` (opt-in, the engine's lower precisions) stores and runs it in fp16, halving its
+    1.3 GB (LayerNorm and attention softmax accumulate in float32 inside `mx.fast`; features are
+    returned as float32; error bound in tests/test_precision.py).
     """
     folder = Path(folder)
     path = folder / "config.json"
@@ -284,7 +287,7 @@ def load_bert(folder: str | Path) -> BertEncoderModel:
     model = BertEncoderModel(cfg, load_tokenizer(folder))
     weights = model.sanitize(load_hf_weights_cached(folder))
     try:
-        model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
+        model.load_weights([(k, mx.array(v).astype(dtype)) for k, v in weights.items()], strict=True)
     except ValueError as exc:
         raise CheckpointError(
             f"{folder}: the BERT weights do not match config.json ({exc}); use the chinese-roberta-wwm-ext-large "

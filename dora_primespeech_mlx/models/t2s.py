@@ -63,6 +63,8 @@ __all__ = [
     "MAX_DECODE_STEPS",
     "MIN_STEPS_BEFORE_EOS",
     "COMPILE_BLOCK",
+    "PRECISIONS",
+    "apply_precision",
 ]
 
 # upstream infer_panel_naive: hard loop cap (1500 codes = 60 s per sentence) ...
@@ -189,13 +191,13 @@ class MultiheadAttention(nn.Module):
         super().__init__()
         self.n_heads = n_heads
         self.scale = (dim // n_heads) ** -0.5
-        self.in_proj_weight = mx.zeros((3 * dim, dim))  # rows: Q | K | V, (out, in)
-        self.in_proj_bias = mx.zeros((3 * dim,))
+        # torch's in_proj_weight / in_proj_bias (rows Q | K | V), as a Linear so it can be quantised
+        self.in_proj = nn.Linear(dim, 3 * dim)
         self.out_proj = nn.Linear(dim, dim)
 
     def __call__(self, x: mx.array, mask: mx.array | None = None, cache=None) -> mx.array:
         B, L, D = x.shape
-        qkv = mx.addmm(self.in_proj_bias, x, self.in_proj_weight.T)  # (B, L, 3D)
+        qkv = self.in_proj(x)  # (B, L, 3D)
         q, k, v = mx.split(qkv, 3, axis=-1)
         # (B, L, D) -> (B, H, L, head_dim); head h uses channels h*hd .. h*hd+hd-1 of each of Q, K, V
         q, k, v = (t.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3) for t in (q, k, v))
@@ -216,10 +218,14 @@ class TransformerEncoderLayer(nn.Module):
         self.linear2 = nn.Linear(config.ffn_dim, d)
         self.norm1 = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.norm2 = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.compute_dtype = mx.float32
 
     def __call__(self, x: mx.array, mask: mx.array | None = None, cache=None) -> mx.array:
-        x = self.norm1(x + self.self_attn(x, mask, cache))
-        return self.norm2(x + self.linear2(nn.relu(self.linear1(x))))
+        # matmuls (and the K/V cache) in `compute_dtype`; the residual stream and the norms stay in
+        # float32 (the casts are no-ops at the fp32 default; see `apply_precision`)
+        dt = self.compute_dtype
+        x = self.norm1(x + self.self_attn(x.astype(dt), mask, cache))
+        return self.norm2(x + self.linear2(nn.relu(self.linear1(x.astype(dt)))))
 
 
 class TransformerEncoder(nn.Module):
@@ -288,6 +294,9 @@ class T2S(nn.Module):
         self.ar_predict_layer = nn.Linear(config.hidden_dim, config.vocab_size, bias=False)
         # default of decode_steps(compile=None); load_t2s sets it per device
         self.compile_decode = False
+        # "fp32" (default) | "fp16" | "bf16" | "int8": set by `apply_precision`
+        self.precision = "fp32"
+        self.compute_dtype = mx.float32
         # compiled step functions per sampling setting; outside the module dict so never a parameter
         object.__setattr__(self, "_compiled_steps", {})
 
@@ -323,7 +332,8 @@ class T2S(nn.Module):
     def embed(self, phone_ids: np.ndarray, bert: np.ndarray, prompt_tokens: np.ndarray | None) -> mx.array:
         """`xy_pos` (1, S_text + S_prompt, 512): text and prompt-audio embeddings with their positions."""
         phones, bert, prompt = self._check_inputs(phone_ids, bert, prompt_tokens)
-        x = self.ar_text_embedding(mx.array(phones)[None]) + self.bert_proj(mx.array(bert.T)[None])  # (1, Tx, D)
+        bert_x = mx.array(bert.T)[None].astype(self.compute_dtype)
+        x = self.ar_text_embedding(mx.array(phones)[None]) + self.bert_proj(bert_x)  # (1, Tx, D)
         x = self.ar_text_position(x)
         if prompt.size == 0:
             return x
@@ -343,6 +353,10 @@ class T2S(nn.Module):
         """Hidden states (B, L, 512) of the layer stack for embedded inputs `x` (B, L, 512)."""
         return self.h(x, mask, cache)
 
+    def _head(self, hidden: mx.array) -> mx.array:
+        """float32 logits from hidden states (sampling is always float32)."""
+        return self.ar_predict_layer(hidden.astype(self.compute_dtype)).astype(mx.float32)
+
     # --------------------------------------------------------------------------------- public API
 
     def prefill_logits(self, phone_ids: np.ndarray, bert: np.ndarray, prompt_tokens: np.ndarray) -> np.ndarray:
@@ -354,8 +368,8 @@ class T2S(nn.Module):
         xy = self.embed(phone_ids, bert, prompt_tokens)
         n_text = int(np.asarray(phone_ids).size)
         hidden = self(xy, self.prefill_mask(n_text, xy.shape[1] - n_text))
-        logits = self.ar_predict_layer(hidden)[0]
-        return np.array(logits.astype(mx.float32))
+        logits = self._head(hidden)[0]
+        return np.array(logits)
 
     def decode_steps(
         self,
@@ -401,7 +415,7 @@ class T2S(nn.Module):
         n_prompt = xy.shape[1] - n_text
         cache = make_cache(cfg.n_layer, kind="concat" if kind == "concat" else "step")
         hidden = self(xy, self.prefill_mask(n_text, n_prompt), cache)
-        logits = self.ar_predict_layer(hidden[:, -1, :])  # (1, V)
+        logits = self._head(hidden[:, -1, :])  # (1, V)
 
         prompt = np.asarray(prompt_tokens if prompt_tokens is not None else [], dtype=np.int32)
         seen = seen_mask(mx.array(prompt), cfg.vocab_size)  # (V,)
@@ -467,7 +481,7 @@ class T2S(nn.Module):
             seen = mx.logical_or(seen, vocab == token)
             x = self.ar_audio_embedding(token[None])  # (1, 1, D)
             x = x * audio_pos.x_scale + audio_pos.alpha * audio_pos.table(n_prompt + idx + 1)[n_prompt + idx]
-            logits = self.ar_predict_layer(self(x, None, cache)[:, -1, :])
+            logits = self._head(self(x, None, cache)[:, -1, :])
             token, packed, key = sample(logits, seen, key, idx + 1 >= MIN_STEPS_BEFORE_EOS)
             return logits, token, packed, seen, key
 
@@ -512,7 +526,7 @@ class T2S(nn.Module):
         key = mx.random.key(0)
         for capacity in range(COMPILE_BLOCK, max(max_positions, COMPILE_BLOCK) + 1, COMPILE_BLOCK):
             shape = (1, cfg.head, capacity, cfg.head_dim)
-            kv = [mx.zeros(shape, dtype=self.ar_predict_layer.weight.dtype) for _ in range(cfg.n_layer)]
+            kv = [mx.zeros(shape, dtype=self.compute_dtype) for _ in range(cfg.n_layer)]
             out = fn(mx.array([0]), mx.array(0, dtype=mx.int32), mx.array(0, dtype=mx.int32), seen, key,
                      mx.array(False), kv, list(kv))
             mx.eval(out)
@@ -528,7 +542,7 @@ class T2S(nn.Module):
             x = self.ar_audio_position.at(self.ar_audio_embedding(token[None]), audio_pos)  # (1, 1, D)
             caches = [_SlotKVCache(k, v, offset) for k, v in zip(keys, values)]
             valid = (mx.arange(keys[0].shape[2]) <= offset)[None]  # (1, capacity): written slots only
-            logits = self.ar_predict_layer(self(x, valid, caches)[:, -1, :])
+            logits = self._head(self(x, valid, caches)[:, -1, :])
             token, packed, key = sample(logits, seen, key, eos_allowed)
             return logits, token, packed, seen, key, [c.keys for c in caches], [c.values for c in caches]
 
@@ -603,12 +617,59 @@ class T2S(nn.Module):
 
 
 def sanitize(weights: dict[str, Any]) -> dict[str, Any]:
-    """Checkpoint keys -> MLX parameter paths: strip the Lightning `model.` prefix. Pure, idempotent.
+    """Checkpoint keys -> MLX parameter paths: strip the Lightning `model.` prefix and name torch's
+    packed `self_attn.in_proj_weight/bias` as the `self_attn.in_proj` Linear. Pure, idempotent.
 
     Matrices are `(out, in)` in both frameworks and the packed QKV is kept packed, so nothing else
     changes.
     """
-    return {(k[len("model."):] if k.startswith("model.") else k): v for k, v in weights.items()}
+    out = {}
+    for key, value in weights.items():
+        key = key.removeprefix("model.")
+        key = key.replace(".in_proj_weight", ".in_proj.weight").replace(".in_proj_bias", ".in_proj.bias")
+        out[key] = value
+    return out
+
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+# 8-bit: per-group affine quantisation of every Linear (mlx.nn.quantize), 64 weights per group
+INT8_GROUP_SIZE = 64
+
+
+def apply_precision(model: T2S, precision: str) -> T2S:
+    """Run `model` in a lower precision, in place: "fp16"/"bf16" store the Linear and embedding
+    weights in that type and run the matmuls and K/V cache in it, while LayerNorm parameters, the
+    residual stream, positions and logits (so sampling) stay float32; "int8" quantises every Linear
+    to 8 bits (group size 64) over fp16 activations. "fp32" (the default) changes nothing.
+
+    Opt-in: parity bounds per mode are measured by benchmarks/bench_precision.py and held by
+    tests/test_precision.py.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return model
+    dtype = mx.bfloat16 if precision == "bf16" else mx.float16
+    keep = (nn.LayerNorm, SinePositionalEmbedding)
+
+    def cast(module: nn.Module) -> None:
+        if isinstance(module, keep):
+            return
+        for name, value in list(module.items()):
+            if isinstance(value, mx.array) and mx.issubdtype(value.dtype, mx.floating):
+                module[name] = value.astype(dtype)
+
+    for _, module in model.named_modules():
+        cast(module)
+    if precision == "int8":
+        nn.quantize(model, group_size=INT8_GROUP_SIZE, bits=8, class_predicate=lambda _, m: isinstance(m, nn.Linear))
+    for _, module in model.named_modules():
+        if isinstance(module, (TransformerEncoderLayer, T2S)):
+            module.compute_dtype = dtype
+    model.precision = precision
+    mx.eval(model.parameters())
+    model._compiled_steps.clear()
+    return model
 
 
 def _read_source(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -630,13 +691,15 @@ def _read_source(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return dict(obj["weight"]), to_plain(obj["config"])
 
 
-def load_t2s(path: str | Path, *, dtype: mx.Dtype = mx.float32, compile: bool | None = None) -> T2S:
+def load_t2s(path: str | Path, *, dtype: mx.Dtype = mx.float32, compile: bool | None = None,
+             precision: str = "fp32") -> T2S:
     """Load the t2s GPT from a GPT-SoVITS `.ckpt` (no torch needed) or its `.safetensors` cache.
 
     Hyper-parameters come from the file's own config. Loading is strict: a missing, unexpected or
     mis-shaped tensor raises `CheckpointError` naming the file. `compile` sets the decode default
     (`T2S.compile_decode`): True decodes through the `mx.compile`d step, False eagerly, None (default)
-    compiles when the default device is a GPU and stays eager on the CPU.
+    compiles when the default device is a GPU and stays eager on the CPU. `precision` as in
+    `apply_precision` (opt-in lower precisions; fp32 by default).
     """
     path = Path(path)
     if not path.is_file():
@@ -664,6 +727,7 @@ def load_t2s(path: str | Path, *, dtype: mx.Dtype = mx.float32, compile: bool | 
     # exact, but slower on mlx-cpu, where the static cache's padded attention outweighs the saved
     # graph building; the first compiled call pays a one-off JIT (~4 s on CUDA)
     model.compile_decode = mx.default_device().type == mx.gpu if compile is None else bool(compile)
+    apply_precision(model, precision)
     logger.info("loaded t2s GPT from %s (%d tensors, %d layers)", path, len(params), cfg.n_layer)
     return model
 

@@ -148,8 +148,6 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=ROOT / "out" / "bench_e2e.json")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
     ap.add_argument("--runs", type=int, default=3, help="runs per MLX mode; the median run is reported")
-    ap.add_argument("--prefetch", action="store_true",
-                    help="also run both MLX modes with the next sentence's text frontend on a worker thread")
     args = ap.parse_args()
     import oracle_env
 
@@ -201,13 +199,8 @@ def main() -> int:
         pick["runs_first_chunk_s"] = [r["first_chunk_s"] for r in runs]
         return pick
 
-    for prefetch in ([False, True] if args.prefetch else [False]):
-        engine.prefetch_text = prefetch
-        suffix = "_prefetch" if prefetch else ""
-        ours["whole" + suffix] = median_run(run_whole)
-        ours["streamed" + suffix] = median_run(run_stream)
-    engine.prefetch_text = False
-    whole, streamed = ours["whole"], ours["streamed"]
+    ours["whole"] = whole = median_run(run_whole)
+    ours["streamed"] = streamed = median_run(run_stream)
     ours["mlx_peak_memory_mb"] = mx.get_peak_memory() / 1e6
     report["mlx"] = ours
 
@@ -280,12 +273,8 @@ def print_table(report: dict) -> None:
           f"(streamed first chunk over the whole mode's total)")
     for mode in ("whole", "streamed"):
         runs = report["mlx"][mode]
-        line = f"{mode} runs total s: {', '.join(f'{x:.3f}' for x in runs['runs_total_s'])}"
-        if f"{mode}_prefetch" in report["mlx"]:
-            other = report["mlx"][f"{mode}_prefetch"]
-            line += (f"; with text prefetch: {', '.join(f'{x:.3f}' for x in other['runs_total_s'])}, "
-                     f"first audio {other['first_chunk_s']:.3f} s")
-        print(line)
+        print(f"{mode} runs total s: {', '.join(f'{x:.3f}' for x in runs['runs_total_s'])}; first audio s: "
+              f"{', '.join(f'{x:.3f}' for x in runs['runs_first_chunk_s'])}")
 
 
 if __name__ == "__main__":

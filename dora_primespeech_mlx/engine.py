@@ -18,7 +18,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,8 +112,6 @@ class Engine:
         self._coreml_tried = False
         self._cancel = threading.Event()
         self._lock = threading.RLock()
-        # default of synthesize_stream(prefetch_text=None); see benchmarks/bench_e2e.py --prefetch
-        self.prefetch_text = False
         # Chinese polyphones: G2PW when $PRIMESPEECH_MODEL_DIR/G2PWModel/g2pW.onnx exists, else pypinyin
         from .text.g2pw import configure_g2pw
 
@@ -206,8 +203,7 @@ class Engine:
 
     @staticmethod
     def _text_sentences(text: str, language: str, *, split: bool = True) -> Iterator:
-        """The text frontend alone (normalisation, G2P), sentence by sentence: no MLX, so it may run
-        on another thread."""
+        """The text frontend alone (normalisation, G2P), sentence by sentence."""
         from .text.frontend import piece_to_sentence
         from .text.segment import check_language_mode, split_sentences
 
@@ -288,8 +284,7 @@ class Engine:
 
     def synthesize_stream(self, text: str, voice: Voice | str, options: SynthesisOptions | None = None, *,
                           streaming: bool = True, first_chunk_tokens: int = 25, chunk_tokens: int = 50,
-                          on_token: Callable[[int], None] | None = None,
-                          prefetch_text: bool | None = None) -> Iterator[AudioChunk]:
+                          on_token: Callable[[int], None] | None = None) -> Iterator[AudioChunk]:
         """Yield the utterance as `AudioChunk`s, sentence by sentence, the very last with `is_final`.
 
         With `streaming` (default) audio starts while the GPT is still generating: SoVITS decodes
@@ -298,9 +293,7 @@ class Engine:
         whole-sentence decode only where a window had not yet seen later tokens. Without it, one
         chunk per sentence from a whole-sentence decode (what `synthesize` joins). Each sentence's
         last chunk carries its `fragment_interval` of silence. Timings are seconds; `elapsed_s` is the
-        time from the call to that chunk (first-audio latency for the first one). `prefetch_text`
-        (None: the engine's `prefetch_text`) runs the next sentence's text frontend on a worker
-        thread while this sentence decodes; its BERT stays on the calling thread.
+        time from the call to that chunk (first-audio latency for the first one).
         """
         self._cancel.clear()
         t_start = time.perf_counter()
@@ -309,8 +302,6 @@ class Engine:
         language = options.text_lang or voice.text_lang
         speed = options.speed if options.speed is not None else voice.speed_factor
         interval = DEFAULT_FRAGMENT_INTERVAL if options.fragment_interval is None else options.fragment_interval
-        prefetch = self.prefetch_text if prefetch_text is None else prefetch_text
-        pool = ThreadPoolExecutor(1, thread_name_prefix="frontend") if prefetch else None
         try:
             prompt = self.prepare_voice(voice)
             t2s, sovits = self.voice_models(voice)
@@ -325,8 +316,6 @@ class Engine:
             while upcoming is not None:
                 index += 1
                 sentence = upcoming
-                # the next sentence's text frontend runs on the pool while this one's GPT decodes
-                pending = pool.submit(next, texts, None) if pool is not None else None
                 seed = None if options.seed is None else options.seed + index
                 decoder = None
                 if streaming:
@@ -376,15 +365,15 @@ class Engine:
                 timings["sovits_s"] += time.perf_counter() - t2
                 t3 = time.perf_counter()
                 # the next sentence's frontend + BERT: is this one the last?
-                following = pending.result() if pending is not None else next(texts, None)
+                # (measured: running it on a worker thread during the GPT decode made things slower,
+                # the decode loop is Python-bound and the threads share the GIL; docs/benchmarks.md)
+                following = next(texts, None)
                 upcoming = None if following is None else self._with_bert(following)
                 timings["frontend_next_s"] = time.perf_counter() - t3
                 silence = np.zeros(int(round(interval * self.sample_rate)), np.float32)
                 yield self._chunk(np.concatenate([audio.astype(np.float32), silence]), index, chunk_index,
                                   upcoming is None, timings, t_start)
         finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)  # the frontend thread holds no MLX state
             mx.clear_cache()  # release buffers between requests
 
     def _chunk(self, audio: np.ndarray, sentence: int, chunk: int, final: bool, timings: dict,

@@ -102,44 +102,6 @@ def test_sentences_are_split(engine):
     assert result.sentences == 2
 
 
-def test_text_prefetch_changes_nothing_but_the_thread(engine, monkeypatch):
-    """With `prefetch_text` the next sentence's frontend runs on a worker thread; the audio is the
-    same, every sentence is spoken, and a frontend error still reaches the caller."""
-    import threading
-
-    from dora_primespeech_mlx.text import frontend
-
-    text = "第一句话在这里。第二句话也在这里。第三句话还在这里。"
-    options = SynthesisOptions(max_new_tokens=3, seed=1, fragment_interval=0.0)
-    engine.prepare_voice(engine.registry.get("Doubao"))  # its transcript goes through the frontend too
-    threads = []
-    original = frontend.piece_to_sentence
-
-    def spy(piece, language):
-        threads.append(threading.current_thread().name)
-        return original(piece, language)
-
-    monkeypatch.setattr(frontend, "piece_to_sentence", spy)
-    plain = list(engine.synthesize_stream(text, "Doubao", options, streaming=False, prefetch_text=False))
-    assert threads == ["MainThread"] * 3
-    threads.clear()
-    fetched = list(engine.synthesize_stream(text, "Doubao", options, streaming=False, prefetch_text=True))
-    assert len(threads) == 3, threads
-    assert threads[0] == "MainThread" and all(t.startswith("frontend") for t in threads[1:]), threads
-    assert [c.sentence_index for c in fetched] == [0, 1, 2] and fetched[-1].is_final
-    for a, b in zip(plain, fetched):
-        np.testing.assert_array_equal(a.audio, b.audio)
-
-    def broken(piece, language):
-        if piece.startswith("第三"):
-            raise ValueError("frontend broke on the third sentence")
-        return original(piece, language)
-
-    monkeypatch.setattr(frontend, "piece_to_sentence", broken)
-    with pytest.raises(ValueError, match="third sentence"):
-        list(engine.synthesize_stream(text, "Doubao", options, streaming=False, prefetch_text=True))
-
-
 def test_nothing_to_speak_is_a_clear_error(engine):
     with pytest.raises(ValueError):
         list(engine.synthesize_stream("。。。", "Doubao", SynthesisOptions(max_new_tokens=3)))

@@ -292,7 +292,11 @@ def test_cache_round_trip_is_exact(model, cache_file, ge, inputs):
         np.testing.assert_array_equal(np.array(got[key]), np.array(value), err_msg=key)
 
     args = (inputs["codes"][:5], inputs["phones"])
-    np.testing.assert_array_equal(loaded.decode(*args, ge=ge, noise_scale=0.0), model.decode(*args, ge=ge, noise_scale=0.0))
+    got, want = loaded.decode(*args, ge=ge, noise_scale=0.0), model.decode(*args, ge=ge, noise_scale=0.0)
+    if mx.default_device().type == mx.DeviceType.cpu:
+        np.testing.assert_array_equal(got, want)
+    else:  # the CUDA backend may pick another convolution algorithm per call: fp32 rounding apart
+        assert rel_err(got, want) <= 1e-6
 
 
 def test_foreign_or_damaged_safetensors_is_refused(cache_file, tmp_path):

@@ -64,7 +64,10 @@ def test_single_window_equals_decode(model, ge, case):
     dec = model.stream_decoder(phones, ge=ge, noise_scale=0.5, seed=5)
     parts = [dec.feed(c) for c in codes] + [dec.finish()]
     assert dec.windows == 1 and all(p.size == 0 for p in parts[:-1])
-    np.testing.assert_array_equal(np.concatenate(parts), whole)
+    if mx.default_device().type == mx.DeviceType.cpu:
+        np.testing.assert_array_equal(np.concatenate(parts), whole)
+    else:  # the CUDA backend may pick another convolution algorithm per call: fp32 rounding apart
+        assert rel_err(np.concatenate(parts), whole) <= 1e-6
 
 
 def test_stream_matches_whole_decode(model, ge, case, whole):

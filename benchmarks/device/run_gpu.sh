@@ -44,6 +44,6 @@ for step in "$@"; do
     memory) python3 benchmarks/bench_memory.py --json "$OUT/bench_memory.json" 2>&1 | tail -4 ;;
     precision) python3 benchmarks/bench_precision.py --json "$OUT/bench_precision.json" 2>&1 | tail -8 ;;
     shapes) python3 benchmarks/bench_shapes.py --json "$OUT/bench_shapes.json" 2>&1 | tail -40 ;;
-    e2e) python3 benchmarks/bench_e2e.py --prefetch --json "$OUT/bench_e2e.json" 2>&1 | tail -30 ;;
+    e2e) python3 benchmarks/bench_e2e.py --json "$OUT/bench_e2e.json" 2>&1 | tail -30 ;;
   esac
 done

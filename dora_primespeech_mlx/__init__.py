@@ -15,15 +15,8 @@ Stages are imported lazily so that `import dora_primespeech_mlx` stays cheap.
 from __future__ import annotations
 
 import importlib
-import os
 
 __version__ = "0.1.0"
-
-# MLX's CUDA backend keeps convolution plans in an LRU of 128 by default; one HiFi-GAN length needs
-# ~70, so two alternating lengths (a stream's windows) evict each other and every call pays the
-# plan set-up again (~100 ms; benchmarks/bench_shapes.py). Read when MLX first convolves; no effect
-# on Metal or the CPU. A value the user set wins.
-os.environ.setdefault("MLX_CUDA_CONV_CACHE_SIZE", "2048")
 
 _LAZY = {
     "Engine": "dora_primespeech_mlx.engine",

@@ -261,13 +261,13 @@ class Engine:
     def warm_up(self, voice: Voice) -> float:
         """Pay one-off costs before the first request: on a GPU, trace the compiled GPT step for every
         cache block up to 1024 positions and run a 2-token synthesis; with SoVITS shape buckets (CUDA),
-        run each bucket shape up to 256 frames once. Returns the seconds spent (0 on the CPU)."""
+        run the bucket shape once. Returns the seconds spent (0 on the CPU)."""
         t2s, sovits = self.voice_models(voice)
         if not getattr(t2s, "compile_decode", False) and not getattr(sovits, "bucket_frames", 0):
             return 0.0
         t0 = time.perf_counter()
         if sovits.bucket_frames:
-            sovits.warm_up_buckets(256)
+            sovits.warm_up_buckets(sovits.bucket_frames)
         if t2s.compile_decode:
             defaults = SynthesisOptions()
             t2s.warm_up_compiled(1024, top_k=defaults.top_k, top_p=defaults.top_p, temperature=defaults.temperature,

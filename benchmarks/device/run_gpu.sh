@@ -43,6 +43,9 @@ for step in "$@"; do
     encoders) python3 benchmarks/bench_encoders.py --json "$OUT/bench_encoders.json" 2>&1 | tail -14 ;;
     memory) python3 benchmarks/bench_memory.py --json "$OUT/bench_memory.json" 2>&1 | tail -4 ;;
     precision) python3 benchmarks/bench_precision.py --json "$OUT/bench_precision.json" 2>&1 | tail -8 ;;
+    windows) for cfg in "" "MLX_CUDA_GRAPH_CACHE_SIZE=4096"; do echo "== env: ${cfg:-default}"
+               env $cfg python3 benchmarks/bench_stream_windows.py --json "$OUT/bench_stream_windows${cfg:+_graph4096}.json" 2>&1 | grep -v Warn | tail -13; done ;;
+    e2e-fc15) python3 benchmarks/bench_e2e.py --no-torch --first-chunk-tokens 15 --json "$OUT/bench_e2e_first15.json" 2>&1 | tail -22 ;;
     shapes) python3 benchmarks/bench_shapes.py --json "$OUT/bench_shapes.json" 2>&1 | tail -40 ;;
     e2e) python3 benchmarks/bench_e2e.py --json "$OUT/bench_e2e.json" 2>&1 | tail -30 ;;
   esac

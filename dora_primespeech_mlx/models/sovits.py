@@ -497,10 +497,8 @@ class SoVITS(nn.Module):
         # a plain attribute (not a parameter): the compiled graph closes over the loaded weights
         self._vocoder = mx.compile(self.dec) if compile_vocoder else self.dec
         # > 0: the flow and HiFi-GAN run on inputs zero-padded up to a multiple of this many frames,
-        # masked so real frames are unchanged. Why: MLX's CUDA backend pays ~100 ms for every new
-        # convolution shape (benchmarks/bench_shapes.py: a 2 s decode is 104-118 ms on a new length,
-        # 18 ms on a seen one), so a few bucket shapes beat one shape per utterance. Set by
-        # `load_sovits` per device.
+        # masked so real frames are unchanged: on MLX's CUDA backend a convolution shape other than
+        # the previous call's costs ~100 ms (`default_bucket_frames`). Set by `load_sovits`.
         self.bucket_frames = 0
 
     # ---------------------------------------------------------------- weights
@@ -768,12 +766,20 @@ def _read_cache(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def default_bucket_frames() -> int:
-    """Shape bucket of the flow and vocoder for the current device: 32 frames (0.64 s) on a CUDA
-    GPU, where every new convolution shape costs ~100 ms; none on Metal and the CPU, which have no
-    per-shape planning, so padding would only add work."""
+    """Shape bucket of the flow and vocoder for the current device: 160 frames (3.2 s) on a CUDA GPU,
+    none on Metal and the CPU, which have no per-shape set-up, so padding would only add work.
+
+    Why 160 on CUDA (benchmarks/bench_stream_windows.py, H100): a convolution shape other than the
+    previous call's costs ~100-150 ms of set-up there, however often it was seen before (a larger
+    MLX_CUDA_CONV_CACHE_SIZE or MLX_CUDA_GRAPH_CACHE_SIZE did not help). With 32- or 64-frame
+    buckets a stream's windows alternate between two shapes and each costs ~170 ms; with one
+    bucket that holds every window (first window 50 frames, later ones <= 2 x 50 codes + overlap 16
+    + context 12 + flow context 32 = 160) each costs ~22 ms, and whole sentences up to 3.2 s share
+    that shape too.
+    """
     if mx.default_device().type != mx.DeviceType.gpu or mx.metal.is_available():
         return 0
-    return 32
+    return 160
 
 
 def load_sovits(path: str | Path, *, compile_vocoder: bool = False, bucket_frames: int | None = None) -> SoVITS:

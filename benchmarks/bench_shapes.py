@@ -96,6 +96,38 @@ def main() -> int:
         print(name, flush=True)
         report[name] = cold_warm(fn, sizes)
 
+    # the stream decoder's windows, code by code, at speed 1 and at the voice's speed, three times
+    from dora_primespeech_mlx.models.sovits import interpolate_linear
+
+    stream_phones = rng.integers(1, 300, 30)
+    stream_codes = rng.integers(0, 1024, 50)
+    for speed in (1.0, 1.1):
+        for rep in range(3):
+            dec = sovits.stream_decoder(stream_phones, ge=prompt.style, speed=speed, noise_scale=0.5, seed=0)
+            windows = []
+            for code in stream_codes:
+                ms, out = timed(dec.feed, int(code))
+                if out.size:
+                    windows.append(ms)
+            ms, _ = timed(dec.finish)
+            windows.append(ms)
+            print(f"stream speed {speed} run {rep}: windows ms " + ", ".join(f"{w:.1f}" for w in windows), flush=True)
+            report.setdefault("stream_windows_ms", []).append({"speed": speed, "run": rep, "windows_ms": windows})
+    text_enc = sovits.enc_p.encode_text(mx.array(stream_phones.astype(np.int32))[None])
+    parts = {}
+    for rep in range(3):
+        ms_frames, frames = timed(sovits._frames, stream_codes[:25])
+        ms_hidden, y = timed(sovits.enc_p.hidden, frames, text_enc, ge)
+        ms_interp, yi = timed(interpolate_linear, y, 45, scale=1.1, start=0)
+        ms_proj, (m_p, logs_p) = timed(lambda: mx.eval(sovits.enc_p.project(yi)) or sovits.enc_p.project(yi))
+        ms_flow, z = timed(sovits.flow_reverse, m_p, ge)
+        ms_voc, audio = timed(sovits.vocode, z, ge)
+        ms_np, _ = timed(np.array, audio)
+        parts = {"frames": ms_frames, "enc_p_hidden": ms_hidden, "interpolate": ms_interp, "project": ms_proj,
+                 "flow": ms_flow, "vocode": ms_voc, "to_numpy": ms_np}
+        print("window parts ms: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()), flush=True)
+    report["stream_window_parts_ms"] = parts
+
     # compiled GPT decode across K/V cache blocks: the slowest step with and without warm-up tracing
     from dora_primespeech_mlx.models.t2s import load_t2s
 

@@ -93,7 +93,8 @@ class Engine:
                  tokens_per_phone: float = 10.0, precision: str = "fp32"):
         """`precision` "fp32" (default, the parity-tested path) or, opt-in, "fp16"/"bf16"/"int8": the
         GPT in that precision (`models.t2s.apply_precision`) and RoBERTa in fp16; SoVITS and HuBERT
-        stay fp32. Bounds: tests/test_precision.py; figures: benchmarks/bench_precision.py."""
+        stay fp32, and HuBERT is unloaded once a voice's prompt codes are made. Bounds:
+        tests/test_precision.py; figures: benchmarks/bench_precision.py, bench_debate_memory.py."""
         from .models.t2s import PRECISIONS
 
         if precision not in PRECISIONS:
@@ -242,6 +243,11 @@ class Engine:
         _, sovits = self.voice_models(voice)
         ref = load_reference_audio(voice.reference_audio)
         codes = sovits.extract_latent(self.hubert()(ref.wav16k_padded))
+        if self.precision != "fp32" and self._hubert is not None:
+            # the lower precisions are the memory modes: HuBERT only makes prompt codes, once per
+            # voice, so its 0.38 GB go until another voice needs it (reloaded then, ~1 s)
+            self._hubert = None
+            mx.clear_cache()
         spec = sovits.spectrogram(ref.wav32k)
         style = sovits.style_vector(spec)
         prompt_text = voice.prompt_text.strip()

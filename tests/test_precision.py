@@ -109,3 +109,10 @@ def test_bert_fp16_within_its_bound(fixtures):
     err = float(np.abs(got - ref).max() / np.abs(ref).max())
     print(f"BERT fp16 phone features: max err {err:.2e} of peak")
     assert err <= BERT_FP16_BOUND
+
+
+def test_engine_refuses_an_unknown_precision(fixtures):
+    from dora_primespeech_mlx.engine import Engine
+
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Engine(fixtures.model_dir, precision="fp8")

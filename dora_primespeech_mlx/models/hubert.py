@@ -282,6 +282,16 @@ def _read_config(folder: Path, cls):
         raise ValueError(f"{path}: not valid JSON ({exc}); restore the original config.json") from None
 
 
+def _to_mlx(weights: dict[str, np.ndarray]) -> list[tuple[str, mx.array]]:
+    """numpy -> MLX tensor by tensor, dropping each numpy source at once (lower peak memory)."""
+    out = []
+    for key in list(weights):
+        value = mx.array(weights.pop(key))
+        mx.eval(value)
+        out.append((key, value))
+    return out
+
+
 def load_hubert(folder: str | Path) -> HubertModel:
     """Load chinese-hubert-base from an HF folder (`model.safetensors` or `pytorch_model.bin`, no torch).
 
@@ -291,8 +301,9 @@ def load_hubert(folder: str | Path) -> HubertModel:
     cfg = _read_config(folder, HubertConfig)
     model = HubertModel(cfg)
     weights = model.sanitize(load_hf_weights_cached(folder))
+    n_tensors = len(weights)
     try:
-        model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
+        model.load_weights(_to_mlx(weights), strict=True)
     except ValueError as exc:
         raise CheckpointError(
             f"{folder}: the HuBERT weights do not match config.json ({exc}); use the chinese-hubert-base "
@@ -300,5 +311,5 @@ def load_hubert(folder: str | Path) -> HubertModel:
         ) from None
     model.eval()
     mx.eval(model.parameters())
-    logger.info("loaded HuBERT from %s (%d tensors)", folder, len(weights))
+    logger.info("loaded HuBERT from %s (%d tensors)", folder, n_tensors)
     return model

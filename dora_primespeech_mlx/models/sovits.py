@@ -633,21 +633,21 @@ class SoVITS(nn.Module):
 
     def vocode(self, z: mx.array, ge: mx.array) -> mx.array:
         """HiFi-GAN: latent (1, T', 192) + style (1, 1, 512) -> audio (1, 640 * T', 1), lazily."""
-        t = z.shape[1]
-        padded = self._bucket(t)
-        if padded == t:
-            return self._vocoder(z, ge)
-        z = mx.pad(z, [(0, 0), (0, padded - t), (0, 0)])
-        return self._vocoder(z, ge, frame_mask(padded, t))[:, : t * self.config.upsample_factor]
+        return self._in_bucket(self._vocoder, z, ge, self.config.upsample_factor)
 
     def flow_reverse(self, z_p: mx.array, ge: mx.array) -> mx.array:
         """The reverse flow over (1, T', 192), in a shape bucket when `bucket_frames` is set."""
-        t = z_p.shape[1]
+        return self._in_bucket(self.flow.reverse, z_p, ge, 1)
+
+    def _in_bucket(self, fn, x: mx.array, ge: mx.array, out_per_frame: int) -> mx.array:
+        """`fn(x, ge[, mask])` on `x` (1, T, C) zero-padded to its bucket and masked past T; the output
+        is cut back to the `out_per_frame * T` steps of the real frames."""
+        t = x.shape[1]
         padded = self._bucket(t)
         if padded == t:
-            return self.flow.reverse(z_p, ge)
-        z_p = mx.pad(z_p, [(0, 0), (0, padded - t), (0, 0)])
-        return self.flow.reverse(z_p, ge, frame_mask(padded, t))[:, :t]
+            return fn(x, ge)
+        x = mx.pad(x, [(0, 0), (0, padded - t), (0, 0)])
+        return fn(x, ge, frame_mask(padded, t))[:, : t * out_per_frame]
 
     def warm_up_buckets(self, max_frames: int = 256) -> float:
         """Run the flow and HiFi-GAN once per bucket shape up to `max_frames` (through the masked path

@@ -9,22 +9,32 @@ Shared encoders (HuBERT, RoBERTa) load once per engine; each voice's GPT and SoV
 stay in a small LRU; a voice's prompt (codes, spectrogram, style vector, prompt phones and BERT
 features) is prepared once (`prepare_voice`). `cancel()` from another thread stops a running
 synthesis within one GPT step.
+
+Threading rule: one thread owns all MLX work. The thread that constructs an `Engine` is its owner;
+loading, voice preparation, warm-up and every synthesis must run there for the engine's whole life
+(since MLX 0.31.2 GPU streams, compiled graphs and convolution plans belong to the thread that made
+them, and work handed to another thread fails on a GPU while passing on the CPU). Every
+MLX-evaluating method checks the calling thread and raises `WrongThreadError` otherwise; only
+`cancel()` and the pure-Python `registry` may be used from any thread. Adapters that talk to the
+outside on another thread (the Dora node, a server) build the engine on a dedicated owner thread and
+hand it requests.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from .options import SAMPLE_RATE, AudioChunk, SynthesisOptions
+from .options import SAMPLE_RATE, AudioChunk, SynthesisCancelled, SynthesisOptions, WrongThreadError
 from .voices import Voice, VoiceRegistry
 
 logger = logging.getLogger(__name__)
@@ -34,8 +44,34 @@ UPSTREAM_TOKEN_CAP = 1500  # upstream's hard cap on AR steps (60 s of audio)
 BERT_DIM = 1024
 
 
-class SynthesisCancelled(Exception):
-    """Raised inside the generator when `Engine.cancel()` was called."""
+__all__ = ["Engine", "AudioResult", "VoicePrompt", "PhoneSentence", "SynthesisCancelled", "WrongThreadError",
+           "length_guard", "describe_backend"]
+
+# a "typical sentence" for warm-up: about 30 Chinese characters (the node's pieces rarely exceed it)
+TYPICAL_SENTENCE_PHONES = 64
+
+
+def describe_backend() -> str:
+    """MLX version, backend and default device, for the start-up log ("mlx 0.32.4, cuda, Device(gpu, 0))."""
+    if mx.metal.is_available():
+        backend = "metal"
+    elif mx.default_device().type == mx.DeviceType.gpu:
+        backend = "cuda"
+    else:
+        backend = "cpu"
+    return f"mlx {getattr(mx, '__version__', '?')}, backend {backend}, device {mx.default_device()}"
+
+
+def owner_only(method):
+    """Raise `WrongThreadError` when `method` is called off the engine's owner thread (cheap: one
+    thread-id comparison)."""
+
+    @functools.wraps(method)
+    def checked(self, *args, **kwargs):
+        self.check_thread(method.__name__)
+        return method(self, *args, **kwargs)
+
+    return checked
 
 
 @dataclass(frozen=True)
@@ -113,10 +149,26 @@ class Engine:
         self._coreml_tried = False
         self._cancel = threading.Event()
         self._lock = threading.RLock()
+        self._owner = threading.current_thread()  # the one thread that may run MLX work (module doc)
+        self.backend = describe_backend()
         # Chinese polyphones: G2PW when $PRIMESPEECH_MODEL_DIR/G2PWModel/g2pW.onnx exists, else pypinyin
         from .text.g2pw import configure_g2pw
 
         configure_g2pw(self.registry.model_dir)
+
+    # ------------------------------------------------------------------ threading
+
+    @property
+    def owner_thread(self) -> threading.Thread:
+        return self._owner
+
+    def check_thread(self, what: str = "this engine method") -> None:
+        """Raise `WrongThreadError` unless called on the owner thread."""
+        if threading.current_thread() is not self._owner:
+            raise WrongThreadError(
+                f"Engine.{what} called from thread {threading.current_thread().name!r}, but the engine belongs "
+                f"to thread {self._owner.name!r}: run every MLX call on the thread that built the engine "
+                "(MLX GPU streams and compiled graphs belong to their thread)")
 
     # ------------------------------------------------------------------ models
 
@@ -153,16 +205,19 @@ class Engine:
                                                 bert_fallback=self._mlx_bert)
         return self._coreml
 
+    @owner_only
     def hubert(self):
         """HuBERT: Core ML when enabled and available, else MLX (loaded once)."""
         coreml = self._coreml_encoders()
         return coreml.hubert if coreml is not None else self._mlx_hubert()
 
+    @owner_only
     def bert(self):
         """RoBERTa: Core ML when enabled and available, else MLX (loaded once)."""
         coreml = self._coreml_encoders()
         return coreml.bert if coreml is not None else self._mlx_bert()
 
+    @owner_only
     def voice_models(self, voice: Voice):
         """(T2S, SoVITS) of a voice, loaded once and kept in a small LRU."""
         key = (voice.gpt_weights, voice.sovits_weights)
@@ -191,6 +246,7 @@ class Engine:
 
     # ------------------------------------------------------------------ text
 
+    @owner_only
     def phone_sentences(self, text: str, language: str, *, split: bool = True) -> list[PhoneSentence]:
         """Split `text` as dora-primespeech does (or not, for a prompt transcript) and turn each
         sentence into phone ids + BERT features (RoBERTa for Chinese spans, zeros otherwise)."""
@@ -199,6 +255,7 @@ class Engine:
     def iter_phone_sentences(self, text: str, language: str, *, split: bool = True) -> Iterator[PhoneSentence]:
         """`phone_sentences`, lazily: each sentence's frontend and BERT run only when it is needed,
         so the first sentence's audio does not wait for the rest of a long text."""
+        self.check_thread("iter_phone_sentences")
         for sentence in self._text_sentences(text, language, split=split):
             yield self._with_bert(sentence)
 
@@ -231,6 +288,7 @@ class Engine:
 
     # ------------------------------------------------------------------ voices
 
+    @owner_only
     def prepare_voice(self, voice: Voice) -> VoicePrompt:
         """Prompt codes, reference spectrogram, style vector, prompt phones and BERT: once per voice."""
         key = (voice.id, voice.reference_audio, voice.prompt_text, voice.prompt_lang, voice.sovits_weights)
@@ -264,23 +322,50 @@ class Engine:
             self._prompts[key] = prompt
         return prompt
 
-    def warm_up(self, voice: Voice) -> float:
-        """Pay one-off costs before the first request: on a GPU, trace the compiled GPT step for every
-        cache block up to 1024 positions and run a 2-token synthesis; with SoVITS shape buckets (CUDA),
-        run the bucket shape once. Returns the seconds spent (0 on the CPU)."""
+    @owner_only
+    def warm_up(self, voice: Voice, options: SynthesisOptions | None = None, *, streaming: bool = False,
+                first_chunk_tokens: int = 25, chunk_tokens: int = 50,
+                typical_phones: int = TYPICAL_SENTENCE_PHONES) -> dict[str, float]:
+        """Pay one-off costs before the first request, for the settings requests will use.
+
+        On a GPU: trace the compiled GPT step with `options`' sampling settings (top_k, top_p,
+        temperature, repetition penalty) for every cache block up to the voice's prompt plus a typical
+        sentence (`typical_phones`) and its length guard; with SoVITS shape buckets (CUDA), run every
+        bucket a stream window at the voice's speed and a typical whole sentence need (speed < 1 needs
+        longer windows than one 160-frame bucket), the window's bucket last; then a 2-token synthesis
+        through the same path (`streaming`). Returns seconds per part (all 0 on the CPU)."""
+        options = options or SynthesisOptions()
         t2s, sovits = self.voice_models(voice)
+        spent = {"t2s_s": 0.0, "sovits_s": 0.0, "synthesis_s": 0.0}
         if not getattr(t2s, "compile_decode", False) and not getattr(sovits, "bucket_frames", 0):
-            return 0.0
-        t0 = time.perf_counter()
-        if sovits.bucket_frames:
-            sovits.warm_up_buckets(sovits.bucket_frames)
+            return spent
+        prompt = self.prepare_voice(voice)
+        speed = options.speed if options.speed is not None else voice.speed_factor
+        tokens = length_guard(typical_phones, options.max_new_tokens, self.tokens_per_phone)
         if t2s.compile_decode:
-            defaults = SynthesisOptions()
-            t2s.warm_up_compiled(1024, top_k=defaults.top_k, top_p=defaults.top_p, temperature=defaults.temperature,
-                                 repetition_penalty=defaults.repetition_penalty)
-        self.synthesize("你好。" if voice.text_lang != "en" else "Hello.", voice,
-                        SynthesisOptions(max_new_tokens=2, fragment_interval=0.0))
-        return time.perf_counter() - t0
+            from .models.t2s import COMPILE_BLOCK
+
+            positions = prompt.prompt_phone_ids.size + prompt.prompt_codes.size + typical_phones + tokens
+            spent["t2s_s"] = t2s.warm_up_compiled(
+                -(-(positions + 1) // COMPILE_BLOCK) * COMPILE_BLOCK,  # every block such a sentence reaches
+                top_k=options.top_k, top_p=options.top_p, temperature=options.temperature,
+                repetition_penalty=options.repetition_penalty)
+        if sovits.bucket_frames:
+            from .models.sovits_stream import max_window_frames
+
+            whole_frames = int(2 * tokens / speed) + 1
+            window_frames = max_window_frames(first_chunk_tokens, chunk_tokens, speed)
+            spent["sovits_s"] = sovits.warm_up_buckets(max(whole_frames, window_frames), last=window_frames)
+        t0 = time.perf_counter()
+        for _ in self.synthesize_stream("你好。" if voice.text_lang != "en" else "Hello.", voice,
+                                        replace(options, max_new_tokens=2, fragment_interval=0.0),
+                                        streaming=streaming, first_chunk_tokens=first_chunk_tokens,
+                                        chunk_tokens=chunk_tokens):
+            pass
+        spent["synthesis_s"] = time.perf_counter() - t0
+        logger.info("warm-up: GPT %.2f s, SoVITS buckets %.2f s, first synthesis %.2f s", spent["t2s_s"],
+                    spent["sovits_s"], spent["synthesis_s"])
+        return spent
 
     # ------------------------------------------------------------------ synthesis
 
@@ -290,7 +375,8 @@ class Engine:
 
     def synthesize_stream(self, text: str, voice: Voice | str, options: SynthesisOptions | None = None, *,
                           streaming: bool = True, first_chunk_tokens: int = 25, chunk_tokens: int = 50,
-                          on_token: Callable[[int], None] | None = None) -> Iterator[AudioChunk]:
+                          on_token: Callable[[int], None] | None = None,
+                          is_cancelled: Callable[[], bool] | None = None) -> Iterator[AudioChunk]:
         """Yield the utterance as `AudioChunk`s, sentence by sentence, the very last with `is_final`.
 
         With `streaming` (default) audio starts while the GPT is still generating: SoVITS decodes
@@ -300,8 +386,17 @@ class Engine:
         chunk per sentence from a whole-sentence decode (what `synthesize` joins). Each sentence's
         last chunk carries its `fragment_interval` of silence. Timings are seconds; `elapsed_s` is the
         time from the call to that chunk (first-audio latency for the first one).
+
+        Cancellation raises `SynthesisCancelled` within one GPT step (or one SoVITS window): after
+        `cancel()` from any thread, or once `is_cancelled()` (the caller's own flag, which also
+        covers a cancel that came before this call started) returns True.
         """
+        self.check_thread("synthesize_stream")
         self._cancel.clear()
+
+        def cancelled() -> bool:
+            return self._cancel.is_set() or (is_cancelled is not None and is_cancelled())
+
         t_start = time.perf_counter()
         options = options or SynthesisOptions()
         voice = self.registry.get(voice) if isinstance(voice, str) else voice
@@ -310,6 +405,8 @@ class Engine:
         interval = DEFAULT_FRAGMENT_INTERVAL if options.fragment_interval is None else options.fragment_interval
         try:
             prompt = self.prepare_voice(voice)
+            if cancelled():
+                raise SynthesisCancelled()
             t2s, sovits = self.voice_models(voice)
             texts = self._text_sentences(text, language)
             t0 = time.perf_counter()
@@ -339,7 +436,7 @@ class Engine:
                         repetition_penalty=options.repetition_penalty, seed=seed,
                         max_new_tokens=length_guard(sentence.phone_ids.size, options.max_new_tokens,
                                                     self.tokens_per_phone)):
-                    if self._cancel.is_set():
+                    if cancelled():
                         raise SynthesisCancelled()
                     tokens.append(token)
                     if on_token is not None:
@@ -356,7 +453,7 @@ class Engine:
                             t1 = time.perf_counter()
                 timings["t2s_s"] = time.perf_counter() - t1 - timings["sovits_s"]
                 timings["tokens"] = float(len(tokens))
-                if self._cancel.is_set():
+                if cancelled():
                     raise SynthesisCancelled()
                 t2 = time.perf_counter()
                 if not tokens:  # upstream decodes a single 0 code when the GPT stops at once
@@ -391,6 +488,7 @@ class Engine:
         return AudioChunk(audio.astype(np.float32, copy=False), self.sample_rate, sentence_index=sentence,
                           chunk_index=chunk, is_final=final, timings=timings)
 
+    @owner_only
     def synthesize(self, text: str, voice: Voice | str, options: SynthesisOptions | None = None) -> AudioResult:
         """The whole utterance as one float32 array, plus summed per-stage timings."""
         t0 = time.perf_counter()

@@ -1,7 +1,8 @@
 """Dora node `dora-primespeech-mlx`: the drop-in replacement for dora-primespeech.
 
 The only module that imports `dora`. A thin loop: events go to `TTSService` (node_service.py), whose
-worker thread synthesises; outputs are sent from this thread, which owns the node.
+`mlx-owner` thread loads, warms up and synthesises (all MLX work, engine.py's threading rule);
+outputs are sent from this thread, which owns the Dora node and never touches MLX.
 Works with dora-rs 0.3.12 (mofa-studio's pin) and 1.x: on both a timed-out `next()` is an `ERROR`
 event mentioning a timeout, and `None` means the event stream has ended.
 """
@@ -50,13 +51,23 @@ def run(node, service: TTSService) -> int:
             # STOP with id ALL_INPUTS_CLOSED ends normally (finish queued texts); a real stop cancels
             inputs_open = False
             if event.get("id") != "ALL_INPUTS_CLOSED":
-                service.cancel_all()
+                service.log("INFO", f"stop: cancelled {service.cancel_all()} request(s)")
         elif kind == "ERROR":
             service.log("WARNING", f"dora reported an error event: {event.get('error')}")
-    service.wait_idle(timeout=24 * 3600)
+    while not service.wait_idle(timeout=POLL_SECONDS):  # finish queued texts, sending as they complete
+        service.drain(send)
     service.close()
     service.drain(send)
     return 0
+
+
+def dora_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("dora-rs")
+    except Exception:  # noqa: BLE001 - informative only
+        return "unknown"
 
 
 def main() -> int:
@@ -64,13 +75,20 @@ def main() -> int:
                         stream=sys.stderr)
     from dora import Node
 
+    from . import __version__
+
     config = NodeConfig.from_env()
     node = Node()
-    service = TTSService(config, make_engine)  # warm-up: engine and startup voice before the loop
+    # the engine loads and warms up on the service's MLX owner thread while this loop already reads events
+    service = TTSService(config, make_engine)
+    service.log("INFO", f"dora-primespeech-mlx {__version__} on dora-rs {dora_version()}, Python "
+                        f"{sys.version.split()[0]}; loading voice {config.voice_name!r}")
     code = run(node, service)
-    # Everything has been sent. Drop the node (dora's Rust side closes its outputs) and leave without
-    # running C++ static destructors: MLX used from the worker thread can otherwise abort the
-    # interpreter at exit ("terminate called without an active exception", seen once in CI).
+    # Everything has been sent and the owner thread has ended (service.close joined it). Drop the node
+    # so dora's Rust side flushes and closes the outputs, then leave with os._exit: MLX keeps C++
+    # per-thread stream state whose static destructors can abort a process that used MLX off the main
+    # thread ("terminate called without an active exception"); skipping them is safe here because
+    # nothing is left to write.
     del node, service
     gc.collect()
     sys.stdout.flush()

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 
-from .options import AudioChunk, SynthesisOptions
+from .options import AudioChunk, SynthesisCancelled, SynthesisOptions
 from .voices import SUPPORTED_LANGS, Voice, VoiceRegistry, expand_path
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,8 @@ class TTSEngine(Protocol):
     def prepare_voice(self, voice: Voice) -> Any: ...
 
     def synthesize_stream(self, text: str, voice: Voice, options: SynthesisOptions, *,
-                          streaming: bool = True) -> Iterator[AudioChunk]: ...
+                          streaming: bool = True,
+                          is_cancelled: Callable[[], bool] | None = None) -> Iterator[AudioChunk]: ...
 
     def cancel(self) -> None: ...
 
@@ -219,8 +220,7 @@ def is_speakable(text: str) -> bool:
 
 @dataclass
 class _Job:
-    text: str
-    voice: Voice
+    request: TextRequest
     metadata: dict
     received: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
@@ -229,8 +229,11 @@ class _Job:
 class TTSService:
     """Turns `text`/`control` events into `audio`, `segment_complete`, `status` and `log` outputs.
 
-    Synthesis runs on a worker thread so `control` is read while it runs; every output goes
-    through `outbox` and is sent by the thread that owns the Dora node (`drain`).
+    One thread owns all MLX work (the engine's threading rule, engine.py): the `mlx-owner` thread
+    builds the engine, prepares the startup voice, warms up, then runs every request for the node's
+    whole life. The thread that talks to Dora only parses payloads, queues jobs, sets cancel flags and
+    sends what the owner put in `outbox` (`drain`): it never touches an MLX array, so `control` and
+    STOP are read while the engine loads or synthesises.
     """
 
     def __init__(self, config: NodeConfig, engine_factory: Callable[[NodeConfig], TTSEngine]):
@@ -238,17 +241,25 @@ class TTSService:
         self.outbox: queue.Queue[tuple[str, pa.Array, dict]] = queue.Queue()
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._lock = threading.Lock()
-        self._current: _Job | None = None
         self._pending: list[_Job] = []
         self._prepared: dict[str, Any] = {}
         self.stats = {"syntheses": 0, "audio_seconds": 0.0, "errors": 0, "cancelled": 0}
         self.engine: TTSEngine | None = None
         self.init_error: str | None = None
+        self._ready = threading.Event()
         for note in config.notes:
             self.log("WARNING", note)
-        self._start_engine(engine_factory)
-        self._worker = threading.Thread(target=self._work, name="tts-worker", daemon=True)
+        self._worker = threading.Thread(target=self._own_mlx, args=(engine_factory,), name="mlx-owner",
+                                        daemon=True)
         self._worker.start()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until the engine is loaded and warmed up, or failed to (`init_error`)."""
+        return self._ready.wait(timeout)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
 
     # ---- outputs
 
@@ -282,14 +293,18 @@ class TTSService:
     # ---- engine
 
     def _start_engine(self, factory: Callable[[NodeConfig], TTSEngine]) -> None:
+        """Build the engine, prepare the startup voice and warm up: on the owner thread."""
         t0 = time.perf_counter()
         try:
             self.engine = factory(self.config)
+            backend = getattr(self.engine, "backend", None)
+            if backend:
+                self.log("INFO", f"MLX: {backend}")
             voice = self._startup_voice()
             self._prepare(voice)
             warm_up = getattr(self.engine, "warm_up", None)  # compiles the GPT step on a GPU
             if warm_up is not None:
-                warm_up(voice)
+                warm_up(voice, self.config.options_for(voice), streaming=self.config.return_fragment)
         except Exception as exc:  # noqa: BLE001 - the node stays alive and reports the cause
             self.engine = None
             self.init_error = f"{type(exc).__name__}: {exc}"
@@ -301,7 +316,7 @@ class TTSService:
             self.log("ERROR", f"engine initialisation failed: {self.init_error}; {fix}")
             self.status("error")
             return
-        self.log("INFO", f"ready: voice {voice.id!r} prepared in {time.perf_counter() - t0:.2f} s")
+        self.log("INFO", f"ready: voice {voice.id!r} prepared and warmed up in {time.perf_counter() - t0:.2f} s")
         self.status("ready")
 
     def _startup_voice(self) -> Voice:
@@ -346,18 +361,12 @@ class TTSService:
             # one completion (primespeech sent two: skipped + empty); no audio
             self._complete("empty", passthrough)
             return
-        if self.engine is None:
+        if self._ready.is_set() and self.engine is None:
             self.stats["errors"] += 1
             self._complete("error", passthrough, session_status="error", error_stage="init",
                            error=f"engine not initialised: {self.init_error}")
             return
-        try:
-            voice = self._resolve_voice(request, passthrough)
-        except (FileNotFoundError, ValueError) as exc:
-            self.stats["errors"] += 1
-            self._complete("error", passthrough, session_status="error", error_stage="voice", error=str(exc))
-            return
-        job = _Job(request.text, voice, passthrough)
+        job = _Job(request, passthrough)  # the voice is resolved on the owner thread, once it is ready
         with self._lock:
             self._pending.append(job)
         self._jobs.put(job)
@@ -389,13 +398,14 @@ class TTSService:
             s = self.stats
             self.log("INFO", f"stats: {s['syntheses']} syntheses, {s['audio_seconds']:.2f} s of audio, "
                              f"{s['errors']} errors, {s['cancelled']} cancelled")
-        elif lowered == "list_voices":
-            ids = self.engine.registry.ids() if self.engine is not None else []
+        elif lowered == "list_voices":  # the registry is plain Python: safe off the owner thread
+            ids = self.engine.registry.ids() if self.engine is not None else VoiceRegistry(self.config.model_dir).ids()
             self.log("INFO", "voices: " + ", ".join(ids))
         else:
             self.log("WARNING", f"unknown control command {command!r}; use reset, cancel, stats or list_voices")
 
     def cancel_all(self) -> int:
+        """Mark every running and queued request cancelled (plain flags: any thread)."""
         with self._lock:
             jobs = list(self._pending)
             for job in jobs:
@@ -404,7 +414,14 @@ class TTSService:
             self.engine.cancel()
         return len(jobs)
 
-    # ---- worker
+    # ---- the MLX owner thread
+
+    def _own_mlx(self, factory: Callable[[NodeConfig], TTSEngine]) -> None:
+        try:
+            self._start_engine(factory)
+        finally:
+            self._ready.set()
+        self._work()
 
     def _work(self) -> None:
         while True:
@@ -413,6 +430,11 @@ class TTSService:
                 return
             try:
                 self._run_job(job)
+            except Exception as exc:  # noqa: BLE001 - the owner thread must outlive any request
+                self.stats["errors"] += 1
+                logger.exception("request failed outside synthesis")
+                self._complete("error", job.metadata, session_status="error", error_stage="node",
+                               error=f"{type(exc).__name__}: {exc}")
             finally:
                 with self._lock:
                     self._pending.remove(job)
@@ -420,23 +442,38 @@ class TTSService:
                 if idle:
                     self.status("idle")
 
+    def _cancelled(self, job: _Job) -> None:
+        self.stats["cancelled"] += 1
+        self._complete("cancelled", job.metadata)
+
     def _run_job(self, job: _Job) -> None:
         if job.cancelled:
-            self.stats["cancelled"] += 1
-            self._complete("cancelled", job.metadata)
-            return
-        assert self.engine is not None
+            return self._cancelled(job)
+        if self.engine is None:
+            self.stats["errors"] += 1
+            self._complete("error", job.metadata, session_status="error", error_stage="init",
+                           error=f"engine not initialised: {self.init_error}")
+            return None
+        try:
+            voice = self._resolve_voice(job.request, job.metadata)
+        except (FileNotFoundError, ValueError) as exc:
+            self.stats["errors"] += 1
+            self._complete("error", job.metadata, session_status="error", error_stage="voice", error=str(exc))
+            return None
         self.status("busy")
-        options = self.config.options_for(job.voice)
+        options = self.config.options_for(voice)
         streaming = self.config.return_fragment
         pieces: list[np.ndarray] = []
         first_chunk_s = None
         try:
-            self._prepare(job.voice)
+            self._prepare(voice)
+            if job.cancelled:  # a reset during voice preparation
+                raise SynthesisCancelled()
             index = 0
-            for chunk in self.engine.synthesize_stream(job.text, job.voice, options, streaming=streaming):
+            for chunk in self.engine.synthesize_stream(job.request.text, voice, options, streaming=streaming,
+                                                       is_cancelled=lambda: job.cancelled):
                 if job.cancelled:
-                    break
+                    raise SynthesisCancelled()
                 if first_chunk_s is None:
                     first_chunk_s = time.perf_counter() - job.received
                 audio = np.asarray(chunk.audio, dtype=np.float32)
@@ -446,24 +483,28 @@ class TTSService:
                     index += 1
                 else:
                     pieces.append(audio)
+            if job.cancelled:
+                raise SynthesisCancelled()
+        except SynthesisCancelled:
+            return self._cancelled(job)
         except Exception as exc:  # noqa: BLE001 - one bad request must not kill the node
+            if job.cancelled:  # whatever a cancelled synthesis raised on its way out
+                return self._cancelled(job)
             self.stats["errors"] += 1
-            self.log("ERROR", f"synthesis failed for {job.text[:40]!r}: {type(exc).__name__}: {exc}", job.metadata)
+            self.log("ERROR", f"synthesis failed for {job.request.text[:40]!r}: {type(exc).__name__}: {exc}",
+                     job.metadata)
             self._complete("error", job.metadata, session_status="error", error_stage="synthesis",
                            error=f"{type(exc).__name__}: {exc}")
-            return
-        if job.cancelled:
-            self.stats["cancelled"] += 1
-            self._complete("cancelled", job.metadata)
-            return
+            return None
         if not streaming:
             audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
             self._send_audio(audio, self.engine.sample_rate, job.metadata)
         total = time.perf_counter() - job.received
         self.stats["syntheses"] += 1
-        self.log("DEBUG", f"synthesised {job.text[:40]!r} in {total:.2f} s "
+        self.log("DEBUG", f"synthesised {job.request.text[:40]!r} in {total:.2f} s "
                           f"(first audio after {first_chunk_s or total:.2f} s)", job.metadata)
         self._complete("completed", job.metadata)
+        return None
 
     def _send_audio(self, audio: np.ndarray, sample_rate: int, metadata: dict, **extra: Any) -> None:
         duration = float(len(audio)) / float(sample_rate)

@@ -9,6 +9,19 @@ import numpy as np
 SAMPLE_RATE = 32000
 
 
+class SynthesisCancelled(Exception):
+    """Raised inside a synthesis generator once its request was cancelled (`Engine.cancel()`)."""
+
+
+class WrongThreadError(RuntimeError):
+    """An MLX-evaluating engine method was called from a thread other than the engine's owner.
+
+    Since MLX 0.31.2 GPU streams, compiled graphs and convolution plans belong to the thread that
+    made them; work handed to another thread fails on a GPU ("There is no Stream(gpu, 0) in current
+    thread") and silently works on the CPU. The engine refuses it on every device so CI sees it.
+    """
+
+
 @dataclass(frozen=True)
 class SynthesisOptions:
     """Options for one synthesis call. `None` means "the voice's (or upstream's) default".

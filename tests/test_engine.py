@@ -218,3 +218,96 @@ def test_cli_bench_reports_timings(all_voices_dir, capsys):
     assert rc == 0 and report["voice"] == "Doubao" and report["prepare_voice_s"] >= 0
     (run,) = report["runs"]
     assert run["tokens"] <= 3 and 0 < run["stream_first_chunk_s"] <= run["stream_total_s"]
+
+
+# ---------------------------------------------------------------- one MLX owner thread (threading rule)
+
+
+def _run_in_thread(fn, name="other-thread"):
+    import threading
+
+    box = {}
+
+    def target():
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            box["error"] = exc
+
+    t = threading.Thread(target=target, name=name)
+    t.start()
+    t.join(600)
+    return box
+
+
+def test_mlx_methods_refuse_a_thread_other_than_the_owner(engine):
+    """On a GPU, MLX work off the thread that compiled it fails ("There is no Stream(gpu, 0) in current
+    thread"); on the CPU it silently works, so the engine checks the thread itself, everywhere."""
+    from dora_primespeech_mlx.engine import WrongThreadError
+
+    voice = engine.registry.get("Doubao")
+    calls = {
+        "synthesize": lambda: engine.synthesize("你好。", voice, SynthesisOptions(max_new_tokens=2)),
+        "synthesize_stream": lambda: next(engine.synthesize_stream("你好。", voice)),
+        "prepare_voice": lambda: engine.prepare_voice(voice),
+        "warm_up": lambda: engine.warm_up(voice),
+        "voice_models": lambda: engine.voice_models(voice),
+        "phone_sentences": lambda: engine.phone_sentences("你好。", "zh"),
+        "bert": engine.bert,
+    }
+    for name, call in calls.items():
+        box = _run_in_thread(call, name="intruder")
+        assert isinstance(box.get("error"), WrongThreadError), name
+        assert name in str(box["error"]) and "intruder" in str(box["error"]) and "MainThread" in str(box["error"])
+    # cancel is a plain flag: any thread
+    assert "error" not in _run_in_thread(engine.cancel)
+    # and the owner still works afterwards
+    assert engine.synthesize("你好。", voice, SynthesisOptions(max_new_tokens=2)).audio.size > 0
+
+
+def test_an_engine_built_on_a_worker_thread_serves_there(all_voices_dir):
+    def life():
+        e = Engine(all_voices_dir)
+        voice = e.registry.get("Doubao")
+        e.prepare_voice(voice)
+        e.warm_up(voice)
+        return e, e.synthesize("你好。", voice, SynthesisOptions(max_new_tokens=2))
+
+    box = _run_in_thread(life, name="mlx-owner")
+    assert "error" not in box, box.get("error")
+    built, result = box["result"]
+    assert built.owner_thread.name == "mlx-owner" and result.audio.size > 0
+    from dora_primespeech_mlx.engine import WrongThreadError
+
+    with pytest.raises(WrongThreadError, match="mlx-owner"):
+        built.synthesize("你好。", "Doubao", SynthesisOptions(max_new_tokens=2))
+
+
+def test_warm_up_uses_the_request_settings_speed_buckets_and_cache_blocks(engine, monkeypatch):
+    """What warm-up prepares on a GPU, checked on the CPU by forcing the GPU defaults on: the compiled
+    step for the configured sampling settings up to the blocks a typical sentence reaches, and the
+    SoVITS buckets a stream window at the voice's speed needs (speed < 1: more than one 160-frame
+    bucket), the window's bucket last; then one short synthesis with the same options."""
+    from dora_primespeech_mlx.models.sovits_stream import max_window_frames
+
+    voice = engine.registry.get("Doubao")
+    t2s, sovits = engine.voice_models(voice)
+    prompt = engine.prepare_voice(voice)
+    seen = {}
+    monkeypatch.setattr(t2s, "compile_decode", True)
+    monkeypatch.setattr(sovits, "bucket_frames", 160)
+    monkeypatch.setattr(t2s, "warm_up_compiled", lambda n, **kw: seen.update(t2s=(n, kw)) or 0.0)
+    monkeypatch.setattr(sovits, "warm_up_buckets", lambda n, last=None: seen.update(sovits=(n, last)) or 0.0)
+    monkeypatch.setattr(engine, "synthesize_stream",
+                        lambda text, v, options, **kw: seen.update(synth=(options, kw)) or iter(()))
+    options = SynthesisOptions(top_k=3, top_p=0.9, temperature=0.7, repetition_penalty=1.2, speed=0.8,
+                               max_new_tokens=200)
+    engine.warm_up(voice, options, streaming=True)
+    n, kw = seen["t2s"]
+    assert kw == {"top_k": 3, "top_p": 0.9, "temperature": 0.7, "repetition_penalty": 1.2}
+    assert n % 256 == 0 and n > prompt.prompt_codes.size + prompt.prompt_phone_ids.size + 64 + 200
+    max_frames, last = seen["sovits"]
+    assert last == max_window_frames(25, 50, 0.8) > 160  # speed 0.8 stretches a window past one bucket
+    assert max_frames == max(int(2 * 200 / 0.8) + 1, last)
+    synth_options, synth_kw = seen["synth"]
+    assert synth_options.top_k == 3 and synth_options.max_new_tokens == 2 and synth_kw["streaming"] is True

@@ -14,29 +14,48 @@ from hypothesis import strategies as st
 
 from dora_primespeech_mlx.node import run
 from dora_primespeech_mlx.node_service import NodeConfig, TTSService, parse_text_payload
-from dora_primespeech_mlx.options import AudioChunk
+from dora_primespeech_mlx.options import AudioChunk, SynthesisCancelled, WrongThreadError
 from dora_primespeech_mlx.voices import VoiceRegistry
 
 
 class FakeEngine:
-    """Test double: yields a sine chunk per 4 characters and records what it was asked."""
+    """Test double that fails the way the real engine fails: it belongs to the thread that built it
+    (any other thread gets `WrongThreadError`, as MLX work there fails on a GPU) and a cancelled
+    synthesis raises `SynthesisCancelled` (the real generator does not return quietly). Yields a sine
+    chunk per 4 characters and records what it was asked."""
 
     sample_rate = 32000
 
-    def __init__(self, model_dir, *, delay: float = 0.0, fail_on: str | None = None):
+    def __init__(self, model_dir, *, delay: float = 0.0, fail_on: str | None = None, prepare_delay: float = 0.0):
         self.registry = VoiceRegistry(model_dir)
         self.prepared: list[str] = []
         self.streaming: list[bool] = []
         self.calls: list[tuple[str, str, object]] = []
+        self.warm_ups: list[tuple[str, object, bool]] = []
+        self.threads: set[str] = set()
         self.delay = delay
+        self.prepare_delay = prepare_delay
         self.fail_on = fail_on
         self._cancel = threading.Event()
+        self._owner = threading.current_thread()
+
+    def _check_thread(self, what):
+        self.threads.add(threading.current_thread().name)
+        if threading.current_thread() is not self._owner:
+            raise WrongThreadError(f"{what} off the owner thread")
 
     def prepare_voice(self, voice):
+        self._check_thread("prepare_voice")
+        time.sleep(self.prepare_delay)
         self.prepared.append(voice.id)
         return voice.id
 
-    def synthesize_stream(self, text, voice, options, *, streaming=True):
+    def warm_up(self, voice, options=None, *, streaming=False):
+        self._check_thread("warm_up")
+        self.warm_ups.append((voice.id, options, streaming))
+
+    def synthesize_stream(self, text, voice, options, *, streaming=True, is_cancelled=None):
+        self._check_thread("synthesize_stream")
         self._cancel.clear()
         self.calls.append((text, voice.id, options))
         self.streaming.append(streaming)
@@ -44,8 +63,8 @@ class FakeEngine:
             raise RuntimeError("boom")
         n = max(1, len(text) // 4)
         for i in range(n):
-            if self._cancel.is_set():
-                return
+            if self._cancel.is_set() or (is_cancelled is not None and is_cancelled()):
+                raise SynthesisCancelled()
             time.sleep(self.delay)
             t = np.arange(3200) / 32000
             yield AudioChunk(np.sin(2 * np.pi * 220 * t).astype(np.float32) * 0.1, 32000, 0, i, i == n - 1)
@@ -69,6 +88,7 @@ def make_service(model_dir, env=None, **engine_kw):
         return engines[-1]
 
     service = TTSService(config, factory)
+    assert service.wait_ready(30)
     return service, engines[0]
 
 
@@ -241,6 +261,7 @@ def test_init_failure_keeps_node_alive_and_answers_each_text(model_dir):
         raise FileNotFoundError(f"{cfg.model_dir}/moyoyo/GPT_weights/doubao-mixed.ckpt not found")
 
     service = TTSService(NodeConfig.from_env({"PRIMESPEECH_MODEL_DIR": str(model_dir)}), broken)
+    assert service.wait_ready(30)
     sent = Sent()
     service.drain(sent)
     assert [d[0].as_py() for d, _ in sent.of("status")] == ["error"]
@@ -361,3 +382,82 @@ def test_run_loop_finishes_queued_texts_after_inputs_close(model_dir):
     assert len(node.sent.of("audio")) == 2
     statuses = [d[0].as_py() for d, _ in node.sent.of("status")]
     assert statuses[0] == "ready" and statuses[-1] == "idle"
+
+
+# ------------------------------------------------------------------------- one MLX owner thread
+
+
+def test_every_engine_call_runs_on_one_owner_thread_not_the_dora_thread(model_dir):
+    """Engine built, startup voice prepared, warmed up and every request served on `mlx-owner`; the
+    thread that calls handle_text/handle_control (Dora's) never reaches the engine's MLX methods."""
+    service, engine = make_service(model_dir, {"TOP_K": "3", "TEMPERATURE": "0.7", "RETURN_FRAGMENT": "1"})
+    process(service, "VOICE:Luo Xiang|大家好啊")
+    process(service, "hello there")
+    service.handle_control(pa.array(["stats"]))
+    service.handle_control(pa.array(["list_voices"]))
+    service.close()
+    assert engine.threads == {"mlx-owner"} and engine._owner.name == "mlx-owner"
+    assert threading.current_thread().name not in engine.threads
+    # warm-up saw the node's configured sampling settings and streaming mode
+    (voice_id, options, streaming), = engine.warm_ups
+    assert voice_id == "Doubao" and (options.top_k, options.temperature) == (3, 0.7) and streaming is True
+
+
+def test_requests_sent_while_the_engine_loads_wait_for_it(model_dir):
+    config = NodeConfig.from_env({"PRIMESPEECH_MODEL_DIR": str(model_dir)})
+    release = threading.Event()
+
+    def slow_factory(cfg):
+        release.wait(10)
+        return FakeEngine(cfg.model_dir)
+
+    service = TTSService(config, slow_factory)
+    service.handle_text(pa.array(["你好世界"]), {"question_id": 1})
+    service.handle_control(pa.array(["list_voices"]))  # answered while loading
+    assert not service.ready
+    release.set()
+    assert service.wait_idle(30)
+    sent = Sent()
+    service.drain(sent)
+    assert [d[0].as_py() for d, _ in sent.of("segment_complete")] == ["completed"]
+    assert len(sent.of("audio")) == 1
+    service.close()
+
+
+def test_reset_during_synthesis_and_voice_preparation_gives_cancelled(model_dir):
+    service, engine = make_service(model_dir, delay=0.05)
+    service.handle_text(pa.array(["很长的一段文字" * 20]), {"question_id": 1})
+    time.sleep(0.2)
+    service.handle_control(pa.array(["reset"]))
+    assert service.wait_idle(5)
+    sent = Sent()
+    service.drain(sent)
+    assert [(m["question_id"], d[0].as_py()) for d, m in sent.of("segment_complete")] == [(1, "cancelled")]
+    assert service.stats["errors"] == 0 and service.stats["cancelled"] == 1
+    # a reset while a new voice is being prepared (before any synthesis started)
+    engine.prepare_delay = 0.5
+    service.handle_text(pa.array(["VOICE:Trump|hello there my friends"]), {"question_id": 2})
+    time.sleep(0.2)
+    service.handle_control(pa.array(["reset"]))
+    assert service.wait_idle(5)
+    sent = Sent()
+    service.drain(sent)
+    assert [(m["question_id"], d[0].as_py()) for d, m in sent.of("segment_complete")] == [(2, "cancelled")]
+    assert engine.calls[-1][1] != "Trump"  # synthesis never started
+    service.close()
+
+
+def test_the_owner_thread_survives_a_failing_request_handler(model_dir, monkeypatch):
+    service, _ = make_service(model_dir)
+
+    def broken(*a, **k):
+        raise KeyError("handler bug")
+
+    monkeypatch.setattr(service, "_resolve_voice", broken)
+    sent = process(service, "第一句")
+    (data, meta), = sent.of("segment_complete")
+    assert data[0].as_py() == "error" and "handler bug" in meta["error"]
+    monkeypatch.undo()
+    sent = process(service, "第二句话")
+    assert [d[0].as_py() for d, _ in sent.of("segment_complete")] == ["completed"]
+    service.close()

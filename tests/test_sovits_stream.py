@@ -142,3 +142,32 @@ def test_shape_buckets_do_not_change_the_stream(model, ge, case):
         model.bucket_frames = 0
     assert bucketed.shape == plain.shape
     assert rel_err(bucketed, plain) <= 1e-6
+
+
+@pytest.mark.parametrize("speed", [1.0, 0.8, 1.25, 0.6])
+def test_max_window_frames_bounds_every_window(model, ge, refs, monkeypatch, speed):
+    """The warm-up's bucket for stream windows (`max_window_frames`) holds every window the decoder
+    runs at that speed; at speed 1 that is exactly one 160-frame CUDA bucket. The flow and vocoder are
+    replaced by shape-keeping stand-ins: this checks window arithmetic, not numerics."""
+    from dora_primespeech_mlx.models.sovits_stream import max_window_frames
+
+    codes = np.resize(refs["t2s_greedy_tokens"].reshape(-1), 137)
+    phones = refs["in_phones_target"][0]
+    frames = []
+
+    def flow(z_p, g):
+        frames.append(z_p.shape[1])
+        return z_p
+
+    monkeypatch.setattr(model, "flow_reverse", flow)
+    monkeypatch.setattr(model, "vocode", lambda z, g: mx.zeros((1, z.shape[1] * model.config.upsample_factor, 1)))
+    decoder = model.stream_decoder(phones, ge=ge, speed=speed, noise_scale=0.5, seed=1)
+    for code in codes:
+        decoder.feed(int(code))
+    decoder.finish()
+    assert decoder.windows >= 3
+    bound = max_window_frames(25, 50, speed)
+    assert max(frames) <= bound, (frames, bound)
+    assert bound - max(frames) <= 4  # tight: the bucket it picks is the one windows need
+    if speed == 1.0:
+        assert bound == 160

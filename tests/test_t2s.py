@@ -385,3 +385,16 @@ def test_warm_up_traces_each_block_and_changes_nothing(monkeypatch):
     got = list(warm.decode_steps(*args, max_new_tokens=20, with_logits=True, compile=True, top_k=1))
     assert [s.token for s in got] == [s.token for s in ref]
     assert np.abs(np.stack([s.logits for s in got]) - np.stack([s.logits for s in ref])).max() == 0.0
+
+
+def test_compiled_steps_are_bounded_least_recently_used():
+    import dora_primespeech_mlx.models.t2s as t2s_module
+
+    model = tiny_model(seed=1)
+    settings = [(k, 1.0, 1.0, 1.35) for k in range(1, 8)]
+    for s in settings:
+        model._static_step(model._sample_fn(*s), True)
+    model._static_step(model._sample_fn(*settings[4]), True)  # used again: kept
+    keys = list(model._compiled_steps)
+    assert len(keys) == t2s_module.MAX_COMPILED_STEPS
+    assert keys[-1] == settings[4] and settings[0] not in keys

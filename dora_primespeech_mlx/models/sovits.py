@@ -649,14 +649,20 @@ class SoVITS(nn.Module):
         x = mx.pad(x, [(0, 0), (0, padded - t), (0, 0)])
         return fn(x, ge, frame_mask(padded, t))[:, : t * out_per_frame]
 
-    def warm_up_buckets(self, max_frames: int = 256) -> float:
+    def warm_up_buckets(self, max_frames: int = 256, *, last: int | None = None) -> float:
         """Run the flow and HiFi-GAN once per bucket shape up to `max_frames` (through the masked path
-        real inputs take), so no request pays a new shape's set-up. No-op without buckets. Seconds."""
+        real inputs take), so no request pays a shape's first-use costs; the bucket of `last` frames
+        runs last (on CUDA the shape of the previous call is the cheap one to repeat). No-op without
+        buckets. Seconds."""
         t0 = time.perf_counter()
         b = self.bucket_frames
         if b > 0:
             ge = mx.zeros((1, 1, self.config.gin_channels))
-            for frames in range(b, max_frames + 1, b):
+            shapes = list(range(b, self._bucket(max(1, max_frames)) + 1, b))
+            if last is not None:
+                final = self._bucket(max(1, last))
+                shapes = [f for f in shapes if f != final] + [final]
+            for frames in shapes:
                 z = mx.zeros((1, frames - 1, self.config.inter_channels))
                 mx.eval(self.flow_reverse(z, ge), self.vocode(z, ge))
         return time.perf_counter() - t0

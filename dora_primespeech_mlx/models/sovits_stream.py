@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FLOW_CONTEXT", "VOCODER_CONTEXT", "SoVITSStreamDecoder"]
+__all__ = ["FLOW_CONTEXT", "VOCODER_CONTEXT", "SoVITSStreamDecoder", "max_window_frames"]
 
 # receptive field of the reverse flow on each side, in 50 Hz frames: 4 couplings x 4 WN layers x 2
 FLOW_CONTEXT = 32
@@ -56,6 +56,18 @@ VOCODER_CONTEXT = 12
 # (context) extra vocoded frames per window.
 DEFAULT_OVERLAP = 16
 DEFAULT_CROSSFADE = 8
+
+
+def max_window_frames(first_chunk_codes: int = 25, chunk_codes: int = 50, speed: float = 1.0, *,
+                      overlap_frames: int = DEFAULT_OVERLAP, context_frames: int = VOCODER_CONTEXT) -> int:
+    """Most frames the reverse flow sees in one window (HiFi-GAN sees `FLOW_CONTEXT` fewer): the new
+    codes' frames plus the held-back overlap, the vocoder context and the flow context. At speed 1
+    with 50-code windows that is 160, one CUDA shape bucket; slower speeds stretch the frames
+    (`int(T / speed) + 1`, the +2 covers the rounding of two successive windows)."""
+    frames = 2 * max(first_chunk_codes, chunk_codes)
+    if speed != 1:
+        frames = math.ceil(frames / speed) + 2
+    return frames + overlap_frames + context_frames + FLOW_CONTEXT
 
 
 class SoVITSStreamDecoder:

@@ -36,6 +36,7 @@ import logging
 import math
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -71,6 +72,8 @@ __all__ = [
 MAX_DECODE_STEPS = 1500
 # ... and the EOS column is dropped while idx < 11, so at least 11 codes precede a stop
 MIN_STEPS_BEFORE_EOS = 11
+# compiled step functions kept per model, one per sampling setting, least recently used dropped
+MAX_COMPILED_STEPS = 4
 # compiled decode: K/V capacity grows in buckets of this many positions (one re-trace per bucket)
 COMPILE_BLOCK = 256
 
@@ -298,7 +301,7 @@ class T2S(nn.Module):
         self.precision = "fp32"
         self.compute_dtype = mx.float32
         # compiled step functions per sampling setting; outside the module dict so never a parameter
-        object.__setattr__(self, "_compiled_steps", {})
+        object.__setattr__(self, "_compiled_steps", OrderedDict())
 
     # ----------------------------------------------------------------------------- graph pieces
 
@@ -550,9 +553,13 @@ class T2S(nn.Module):
             return step
         cache_key = sample.settings
         fns = self._compiled_steps
-        if cache_key not in fns:
+        if cache_key in fns:
+            fns.move_to_end(cache_key)
+        else:
             # inputs=self: the weights are read at every call, so reloaded weights are not stale
             fns[cache_key] = mx.compile(step, inputs=self)
+            while len(fns) > MAX_COMPILED_STEPS:  # each holds traced graphs per cache block
+                fns.popitem(last=False)
         return fns[cache_key]
 
     def generate_stream(

@@ -466,12 +466,16 @@ class Engine:
                     audio = sovits.decode(np.asarray(tokens, np.int64), sentence.phone_ids, ge=prompt.style,
                                           speed=speed, noise_scale=options.noise_scale, seed=seed)
                 timings["sovits_s"] += time.perf_counter() - t2
+                if cancelled():  # between stages too: a sentence's decode or BERT can take seconds on a CPU
+                    raise SynthesisCancelled()
                 t3 = time.perf_counter()
                 # the next sentence's frontend + BERT: is this one the last?
                 # (measured: running it on a worker thread during the GPT decode made things slower,
                 # the decode loop is Python-bound and the threads share the GIL; docs/benchmarks.md)
                 following = next(texts, None)
                 upcoming = None if following is None else self._with_bert(following)
+                if cancelled():
+                    raise SynthesisCancelled()
                 timings["frontend_next_s"] = time.perf_counter() - t3
                 silence = np.zeros(int(round(interval * self.sample_rate)), np.float32)
                 yield self._chunk(np.concatenate([audio.astype(np.float32), silence]), index, chunk_index,

@@ -1,8 +1,10 @@
 """The main job: run the demo Dora dataflow (texts in, WAV files and a timing summary out).
 
 Voice models come from $PRIMESPEECH_MODEL_DIR when it holds `moyoyo/`, otherwise from a generated
-SMOKE VOICE: random weights in the real layout, built by the PyTorch oracle. Its audio is noise, not
-speech. Each stage that does not exist yet is reported as missing.
+SMOKE VOICE: random weights in the real layout, written without torch by `dora_primespeech_mlx.smoke`
+and cached under $DORA_PRIMESPEECH_MLX_CACHE (default ~/.cache/dora-primespeech-mlx) as
+`smoke-v<format>-seed<seed>`. Its audio is noise, not speech. Each stage that does not exist yet is
+reported as missing.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools" / "oracle"))
 
 BANNER = "=" * 72
 
@@ -39,13 +40,18 @@ def resolve_model_dir() -> tuple[Path, bool]:
         if (path / "moyoyo").is_dir():
             return path, False
         print(f"PRIMESPEECH_MODEL_DIR={env} has no moyoyo/ folder; using the smoke voice instead.")
-    import oracle_env
+    from dora_primespeech_mlx.smoke import ensure_smoke_model_dir, smoke_cache_dir
 
     print(BANNER)
     print("SMOKE VOICE: random weights in the real GPT-SoVITS layout. The audio is NOT speech.")
     print("Set PRIMESPEECH_MODEL_DIR to your PrimeSpeech models to hear real voices.")
     print(BANNER, flush=True)
-    return oracle_env.ensure_fixtures() / "model_dir", True
+    if not smoke_cache_dir().is_dir():
+        print(f"writing the smoke voice (about 1.1 GB, no torch) to {smoke_cache_dir()} ...", flush=True)
+    t = time.perf_counter()
+    model_dir = ensure_smoke_model_dir()
+    print(f"smoke voice ready in {time.perf_counter() - t:.1f} s", flush=True)
+    return model_dir, True
 
 
 def main() -> int:

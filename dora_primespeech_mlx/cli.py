@@ -78,7 +78,8 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     if not text:
         print("error: give the text to speak, e.g. gpt-sovits-mlx synthesize '你好' --out hello.wav", file=sys.stderr)
         return 2
-    engine = Engine(args.model_dir)
+    engine = Engine(args.model_dir)  # this thread owns it: every MLX call below runs here (engine.py)
+    print(f"MLX: {engine.backend}", file=sys.stderr)
     voice = engine.registry.get(args.voice)
     missing = voice.missing_files()
     if missing:
@@ -165,10 +166,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .options import SynthesisOptions
 
     t0 = time.perf_counter()
-    engine = Engine(args.model_dir)
+    engine = Engine(args.model_dir)  # this thread owns it: every MLX call below runs here (engine.py)
     voice = engine.registry.get(args.voice)
     engine.voice_models(voice)
-    report = {"device": str(mx.default_device()), "voice": voice.id, "text": args.text,
+    report = {"device": str(mx.default_device()), "backend": engine.backend, "voice": voice.id, "text": args.text,
               "load_s": time.perf_counter() - t0}
     t0 = time.perf_counter()
     engine.prepare_voice(voice)

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The whole product on an NVIDIA GPU host without network, the way a Linux NVIDIA user installs it:
+# our wheel with --no-deps, its dependencies, and MLX's CUDA backend (`mlx` + `mlx-cuda-13`, no
+# `mlx-cpu`), then the real node in a real `dora run` (node_check.py) on random-weight voices.
+#
+# Nothing can be downloaded there and one call carries at most 64 MiB, so the wheels travel in three
+# folders (git-ignored), carried in back-to-back calls while the machine is warm (docs/user-guide.md,
+# "Linux with an NVIDIA GPU", lists the wheels and how to make them):
+#   .gpu/1  mlx-cuda-13 part 00, dora-rs-cli, small deps   -> `stage 1`
+#   .gpu/2  part 01, dora-rs, g2p_en, nltk                  -> `stage 2`
+#   .gpu/3  part 02, mlx, our wheel, the text frontend      -> `stage 3 install smoke rule check`
+# Results go to $OUT.
+set -euo pipefail
+STAGE=/tmp/wheelstage
+SITE=/tmp/site
+MODELS=/tmp/smoke-models
+MLX_CUDA_SHA256=94cb48fba73e5ee39467e51c35c51c691123359ca17bafd1a24cf92ad6732bee
+export PYTHONUNBUFFERED=1
+# fp32 as on Apple GPUs: MLX-CUDA uses TF32 matmuls by default
+export MLX_ENABLE_TF32="${MLX_ENABLE_TF32:-0}"
+ROOT="$PWD"
+while [ $# -gt 0 ]; do
+  step="$1"; shift
+  case "$step" in
+    stage) mkdir -p "$STAGE"; cp ".gpu/$1"/* "$STAGE"/; shift; ls "$STAGE" | wc -l ;;
+    install)
+      cat "$STAGE"/mlxcuda.part.0? > "$STAGE"/mlx_cuda_13-0.32.4-py3-none-manylinux_2_35_x86_64.whl
+      echo "$MLX_CUDA_SHA256  $STAGE/mlx_cuda_13-0.32.4-py3-none-manylinux_2_35_x86_64.whl" | sha256sum -c -
+      python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$STAGE"/*.whl
+      if ls "$SITE" | grep -qi '^mlx_cpu'; then echo "mlx-cpu must not be installed beside mlx-cuda"; exit 1; fi
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+      (cd /tmp && PYTHONPATH="$SITE" python3 -c "import mlx.core as mx, dora_primespeech_mlx as d; print('mlx', mx.__version__, mx.default_device(), 'package at', d.__file__)") | tee -a "$OUT/gpu.txt" ;;
+    smoke) (cd /tmp && PYTHONPATH="$SITE" python3 -c "from dora_primespeech_mlx.smoke import build_smoke_model_dir; print(build_smoke_model_dir('$MODELS'))") ;;
+    rule) (cd /tmp && PYTHONPATH="$SITE" python3 "$ROOT/benchmarks/device/thread_rule.py" "$MODELS" 2>&1 | grep -v ' INFO ' | tee "$OUT/thread_rule.txt") ;;
+    check)
+      export PATH="$SITE/bin:$PATH" PYTHONPATH="$SITE"
+      (cd /tmp && python3 "$ROOT/benchmarks/device/node_check.py" --model-dir "$MODELS" --out /tmp/node_check \
+        --max-first-ratio 1.2 --json "$OUT/node_check.json" "$@" 2>&1 | tee "$OUT/node_check.txt") || true
+      cp /tmp/node_check/node.log "$OUT/node_check_node.log" 2>/dev/null || true
+      set -- ;;
+  esac
+done

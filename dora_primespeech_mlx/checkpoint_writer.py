@@ -37,10 +37,10 @@ from .checkpoint import VERSION_TAGS, HParams
 __all__ = [
     "STORAGE_ALIGNMENT",
     "torch_file_bytes",
-    "write_torch_file",
-    "write_hf_folder",
-    "write_wordpiece_tokenizer",
     "wordpiece_tokenizer_json",
+    "write_hf_folder",
+    "write_torch_file",
+    "write_wordpiece_tokenizer",
 ]
 
 STORAGE_ALIGNMENT = 64  # torch's kDataAlignment: every member's data starts on this boundary

@@ -43,20 +43,24 @@ from .voices import BUILTIN_FILE, CUSTOM_BASE_VOICE, _read_registry_file
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "SMOKE_FORMAT_VERSION",
+    "MANIFEST_FILE",
     "MARKER_FILE",
+    "SMOKE_FORMAT_VERSION",
+    "Param",
+    "as_hparams",
+    "bert_config",
+    "bert_params",
     "build_smoke_model_dir",
     "ensure_smoke_model_dir",
-    "smoke_cache_dir",
     "gpt_config",
-    "sovits_config",
-    "hubert_config",
-    "bert_config",
     "gpt_params",
-    "sovits_params",
+    "hubert_config",
     "hubert_params",
-    "bert_params",
+    "materialize",
+    "smoke_cache_dir",
     "smoke_vocab",
+    "sovits_config",
+    "sovits_params",
 ]
 
 SMOKE_FORMAT_VERSION = 1
@@ -267,7 +271,10 @@ def sovits_params(config: dict[str, Any] | None = None) -> list[Param]:
     gin, ssl, mrte = m["gin_channels"], 768, 512
     n_symbols = 732
     t = _Table()
-    enc = lambda name, n: _vits_encoder(t, name, n, h, filt, m["n_heads"], m["kernel_size"])  # noqa: E731
+
+    def enc(name: str, n_layers: int) -> None:
+        _vits_encoder(t, name, n_layers, h, filt, m["n_heads"], m["kernel_size"])
+
     t.conv("enc_p.ssl_proj", h, ssl, 1)
     enc("enc_p.encoder_ssl", m["n_layers"] // 2)
     enc("enc_p.encoder_text", m["n_layers"])
@@ -447,7 +454,7 @@ def smoke_vocab(size: int = 21128) -> list[str]:
 
 def synthetic_reference(seconds: float, rate: int, rng: np.random.Generator) -> np.ndarray:
     """A speech-like clip: a gliding voiced source (harmonics) in syllable bursts, with breath noise."""
-    n = int(round(seconds * rate))
+    n = round(seconds * rate)
     t = np.arange(n) / rate
     f0 = 170.0 + 35.0 * np.sin(2 * np.pi * 0.45 * t) + 10.0 * np.sin(2 * np.pi * 3.1 * t)
     phase = 2 * np.pi * np.cumsum(f0) / rate
@@ -469,9 +476,9 @@ def write_wav_pcm16(path: Path, audio: np.ndarray, rate: int) -> None:
         w.writeframes(pcm.tobytes())
 
 
-def _as_hparams(config: dict) -> HParams:
+def as_hparams(config: dict) -> HParams:
     """Nested dicts -> nested `HParams` (pickled as GPT-SoVITS `utils.HParams`, as real `.pth` files)."""
-    return HParams({k: _as_hparams(v) if isinstance(v, dict) else v for k, v in config.items()})
+    return HParams({k: as_hparams(v) if isinstance(v, dict) else v for k, v in config.items()})
 
 
 def _link(target: Path, link: Path) -> None:
@@ -517,7 +524,7 @@ def build_smoke_model_dir(out: str | os.PathLike, seed: int = 0, *, link_all_voi
     sov_cfg = sovits_config()
     timed("sovits", lambda: write_torch_file(voice.sovits_weights, collections.OrderedDict(
         weight=dict(materialize(sovits_params(sov_cfg), np.random.default_rng(seeds[1]))),
-        config=_as_hparams(sov_cfg), info="96epoch_5376iteration"), archive_name=ARCHIVE_STEM))
+        config=as_hparams(sov_cfg), info="96epoch_5376iteration"), archive_name=ARCHIVE_STEM))
     hub_cfg = hubert_config()
     timed("hubert", lambda: write_hf_folder(
         moyoyo / "chinese-hubert-base", hub_cfg,

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import pickletools
+import shutil
 import struct
 import subprocess
 import zipfile
@@ -150,7 +151,7 @@ def test_gpt_ckpt_layout_round_trip(tmp_path):
 
 
 def test_sovits_pth_hparams_and_version_tag(tmp_path):
-    config = smoke._as_hparams(smoke.sovits_config())
+    config = smoke.as_hparams(smoke.sovits_config())
     weight = {"enc_p.proj.weight": np.ones((4, 2, 1), np.float16), "quantizer.inited": np.ones(1, np.float16)}
     obj = collections.OrderedDict(weight=weight, config=config, info="96epoch_5376iteration")
     plain = read_torch_file(write_torch_file(tmp_path / "a.pth", obj))
@@ -253,7 +254,7 @@ def test_archive_layout_is_torchs(tmp_path):
 
 def test_pickle_uses_only_protocol_2_and_the_expected_globals():
     tensors = sample_tensors()
-    obj = collections.OrderedDict(weight=tensors, config=smoke._as_hparams({"a": {"b": 1}}), info="x")
+    obj = collections.OrderedDict(weight=tensors, config=smoke.as_hparams({"a": {"b": 1}}), info="x")
     with zipfile.ZipFile(io.BytesIO(torch_file_bytes(obj))) as zf:
         data = zf.read("archive/data.pkl")
     ops = list(pickletools.genops(data))
@@ -379,6 +380,22 @@ def test_smoke_build_refuses_a_non_empty_folder(tmp_path):
 
 
 @pytest.mark.slow
+def test_smoke_build_is_reproducible_and_the_cache_is_current(smoke_dir, tmp_path):
+    """A fresh build equals the cached one byte for byte: same seed, same files, and a change to the
+    generator that forgot to bump SMOKE_FORMAT_VERSION (so stale caches would be reused) fails here."""
+    fresh = smoke.build_smoke_model_dir(tmp_path / "fresh", seed=0)
+    try:
+        def files(root: Path) -> dict[str, str]:
+            return {str(p.relative_to(root)): (f"-> {os.readlink(p)}" if p.is_symlink() else
+                                               hashlib.sha256(p.read_bytes()).hexdigest())
+                    for p in sorted(root.rglob("*")) if p.is_file() and p.name != smoke.MANIFEST_FILE}
+
+        assert files(fresh) == files(smoke_dir)
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)  # 1.1 GB
+
+
+@pytest.mark.slow
 def test_smoke_voice_speaks_through_the_engine(smoke_dir):
     """Every strict loader accepts the files; a short synthesis gives finite, audible, token-sized audio."""
     from dora_primespeech_mlx.engine import Engine
@@ -403,7 +420,7 @@ def test_smoke_voice_speaks_through_the_engine(smoke_dir):
 
 def _torch_reads(oracle_python: Path, out: Path, *args: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="2")
-    proc = subprocess.run([str(oracle_python), str(TORCH_READER), str(out), *args], env=env,
+    proc = subprocess.run([str(oracle_python), str(TORCH_READER), str(out), *args], check=False, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
@@ -424,7 +441,7 @@ def test_torch_load_weights_only_reads_our_files(oracle_python, tmp_path):
                                                                              info="GPT-e15"),
                             archive_name="1725955666.654321")
     pth = write_torch_file(tmp_path / "sovits.pth", collections.OrderedDict(
-        weight={"enc_p.proj.weight": tensors["float16"]}, config=smoke._as_hparams(smoke.sovits_config()),
+        weight={"enc_p.proj.weight": tensors["float16"]}, config=smoke.as_hparams(smoke.sovits_config()),
         info="96epoch_5376iteration"))
     res = _torch_reads(oracle_python, tmp_path / "torch.json", "torch", str(ckpt), str(pth))
 

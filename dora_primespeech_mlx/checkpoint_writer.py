@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import json
 import os
 import struct
@@ -336,8 +337,6 @@ def _write_archive(fh: BinaryIO, obj: Any, archive_name: str) -> None:
 
 def torch_file_bytes(obj: Any, *, archive_name: str = "archive") -> bytes:
     """The bytes `torch.save(obj, io.BytesIO())` would produce for `obj` (numpy arrays as tensors)."""
-    import io
-
     buf = io.BytesIO()
     _write_archive(buf, obj, archive_name)
     return buf.getvalue()

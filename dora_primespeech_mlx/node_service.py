@@ -40,7 +40,8 @@ UNNEEDED_ENV = ("USE_GPU", "DEVICE", "NUM_THREADS", "BATCH_SIZE", "TEXT_SPLIT_ME
                 "ENABLE_INTERNAL_SEGMENTATION", "TTS_MAX_SEGMENT_LENGTH", "TTS_MIN_SEGMENT_LENGTH",
                 "SAMPLE_RATE", "REPOSITORY", "GPT_MODEL_PATH", "SOVITS_MODEL_PATH", "REFERENCE_AUDIO_PATH")
 UNSUPPORTED_LANGS = ("ja", "ko", "yue", "auto_yue", "all_ja", "all_ko", "all_yue")
-PRECISION_CHOICES = ("fp32", "fp16", "bf16", "int8")  # models.t2s.PRECISIONS, without importing MLX
+PRECISION_CHOICES = ("fp32", "fp16", "bf16", "int8")
+SLOW_SEND_S = 0.05  # a Dora send slower than this is logged (DEBUG)  # models.t2s.PRECISIONS, without importing MLX
 
 Send = Callable[[str, pa.Array, dict], None]
 
@@ -287,8 +288,12 @@ class TTSService:
                 output_id, data, metadata = self.outbox.get_nowait()
             except queue.Empty:
                 return n
+            t0 = time.perf_counter()
             send(output_id, data, metadata)
             n += 1
+            spent = time.perf_counter() - t0
+            if spent > SLOW_SEND_S:
+                self.log("DEBUG", f"sending {output_id!r} took {spent:.3f} s")
 
     # ---- engine
 
@@ -465,6 +470,7 @@ class TTSService:
         streaming = self.config.return_fragment
         pieces: list[np.ndarray] = []
         first_chunk_s = None
+        spent: dict[str, float] = {}
         try:
             self._prepare(voice)
             if job.cancelled:  # a reset during voice preparation
@@ -476,6 +482,8 @@ class TTSService:
                     raise SynthesisCancelled()
                 if first_chunk_s is None:
                     first_chunk_s = time.perf_counter() - job.received
+                for key in ("frontend_s", "frontend_next_s", "t2s_s", "sovits_s", "tokens"):
+                    spent[key] = spent.get(key, 0.0) + float(chunk.timings.get(key, 0.0))
                 audio = np.asarray(chunk.audio, dtype=np.float32)
                 if streaming:
                     self._send_audio(audio, chunk.sample_rate, job.metadata, segment_index=index,
@@ -501,8 +509,10 @@ class TTSService:
             self._send_audio(audio, self.engine.sample_rate, job.metadata)
         total = time.perf_counter() - job.received
         self.stats["syntheses"] += 1
-        self.log("DEBUG", f"synthesised {job.request.text[:40]!r} in {total:.2f} s "
-                          f"(first audio after {first_chunk_s or total:.2f} s)", job.metadata)
+        self.log("DEBUG", f"synthesised {job.request.text[:40]!r} in {total:.3f} s (first audio after "
+                          f"{first_chunk_s or total:.3f} s; text+BERT {spent.get('frontend_s', 0) + spent.get('frontend_next_s', 0):.3f} s, "
+                          f"GPT {spent.get('t2s_s', 0):.3f} s for {int(spent.get('tokens', 0))} tokens, "
+                          f"SoVITS {spent.get('sovits_s', 0):.3f} s)", job.metadata)
         self._complete("completed", job.metadata)
         return None
 

@@ -31,12 +31,13 @@ while [ $# -gt 0 ]; do
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
       (cd /tmp && PYTHONPATH="$SITE" python3 -c "import mlx.core as mx, dora_primespeech_mlx as d; print('mlx', mx.__version__, mx.default_device(), 'package at', d.__file__)") | tee -a "$OUT/gpu.txt" ;;
     smoke) (cd /tmp && PYTHONPATH="$SITE" python3 -c "from dora_primespeech_mlx.smoke import build_smoke_model_dir; print(build_smoke_model_dir('$MODELS'))") ;;
+    first) (cd /tmp && PYTHONPATH="$SITE" python3 "$ROOT/benchmarks/device/first_request.py" "$MODELS" --json "$OUT/first_request.json" 2>&1 | grep -v ' INFO ' | tail -12) ;;
     rule) (cd /tmp && PYTHONPATH="$SITE" python3 "$ROOT/benchmarks/device/thread_rule.py" "$MODELS" 2>&1 | grep -v ' INFO ' | tee "$OUT/thread_rule.txt") ;;
     check)
       export PATH="$SITE/bin:$PATH" PYTHONPATH="$SITE"
       (cd /tmp && python3 "$ROOT/benchmarks/device/node_check.py" --model-dir "$MODELS" --out /tmp/node_check \
         --max-first-ratio 1.2 --json "$OUT/node_check.json" "$@" 2>&1 | tee "$OUT/node_check.txt") || true
-      cp /tmp/node_check/node.log "$OUT/node_check_node.log" 2>/dev/null || true
+      cp /tmp/node_check/dora_run.log "$OUT/node_check_dora_run.log" 2>/dev/null || true
       set -- ;;
   esac
 done

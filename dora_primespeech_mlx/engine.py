@@ -49,6 +49,8 @@ __all__ = ["Engine", "AudioResult", "VoicePrompt", "PhoneSentence", "SynthesisCa
 
 # a "typical sentence" for warm-up: about 30 Chinese characters (the node's pieces rarely exceed it)
 TYPICAL_SENTENCE_PHONES = 64
+WARM_UP_TEXT_ZH = "今天的天气很好，我们一起去公园散步吧。"
+WARM_UP_TEXT_EN = "The weather is nice today, so let us take a walk in the park."
 
 
 def describe_backend() -> str:
@@ -332,8 +334,10 @@ class Engine:
         temperature, repetition penalty) for every cache block up to the voice's prompt plus a typical
         sentence (`typical_phones`) and its length guard; with SoVITS shape buckets (CUDA), run every
         bucket a stream window at the voice's speed and a typical whole sentence need (speed < 1 needs
-        longer windows than one 160-frame bucket), the window's bucket last; then a 2-token synthesis
-        through the same path (`streaming`). Returns seconds per part (all 0 on the CPU)."""
+        longer windows than one 160-frame bucket), the window's bucket last; then one whole request of
+        a typical sentence through the same path (`streaming`, `options`; measured on the H200: a
+        2-token synthesis left the first real request ~1.3x slower than its repeat). Returns seconds
+        per part (all 0 on the CPU, where there is nothing to warm)."""
         options = options or SynthesisOptions()
         t2s, sovits = self.voice_models(voice)
         spent = {"t2s_s": 0.0, "sovits_s": 0.0, "synthesis_s": 0.0}
@@ -357,10 +361,11 @@ class Engine:
             window_frames = max_window_frames(first_chunk_tokens, chunk_tokens, speed)
             spent["sovits_s"] = sovits.warm_up_buckets(max(whole_frames, window_frames), last=window_frames)
         t0 = time.perf_counter()
-        for _ in self.synthesize_stream("你好。" if voice.text_lang != "en" else "Hello.", voice,
-                                        replace(options, max_new_tokens=2, fragment_interval=0.0),
-                                        streaming=streaming, first_chunk_tokens=first_chunk_tokens,
-                                        chunk_tokens=chunk_tokens):
+        # a whole typical request, as long as the node's cap allows: BERT and the prefill at a real
+        # length, the decode across cache blocks (buffer growth included), SoVITS on a real sentence
+        text = WARM_UP_TEXT_EN if voice.text_lang == "en" else WARM_UP_TEXT_ZH
+        for _ in self.synthesize_stream(text, voice, replace(options, fragment_interval=0.0), streaming=streaming,
+                                        first_chunk_tokens=first_chunk_tokens, chunk_tokens=chunk_tokens):
             pass
         spent["synthesis_s"] = time.perf_counter() - t0
         logger.info("warm-up: GPT %.2f s, SoVITS buckets %.2f s, first synthesis %.2f s", spent["t2s_s"],

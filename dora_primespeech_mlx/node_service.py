@@ -309,7 +309,9 @@ class TTSService:
             self._prepare(voice)
             warm_up = getattr(self.engine, "warm_up", None)  # compiles the GPT step on a GPU
             if warm_up is not None:
-                warm_up(voice, self.config.options_for(voice), streaming=self.config.return_fragment)
+                spent = warm_up(voice, self.config.options_for(voice), streaming=self.config.return_fragment)
+                if isinstance(spent, dict) and any(spent.values()):
+                    self.log("INFO", "warm-up: " + ", ".join(f"{k} {v:.2f}" for k, v in spent.items()))
         except Exception as exc:  # noqa: BLE001 - the node stays alive and reports the cause
             self.engine = None
             self.init_error = f"{type(exc).__name__}: {exc}"

@@ -287,7 +287,7 @@ def test_warm_up_uses_the_request_settings_speed_buckets_and_cache_blocks(engine
     """What warm-up prepares on a GPU, checked on the CPU by forcing the GPU defaults on: the compiled
     step for the configured sampling settings up to the blocks a typical sentence reaches, and the
     SoVITS buckets a stream window at the voice's speed needs (speed < 1: more than one 160-frame
-    bucket), the window's bucket last; then one short synthesis with the same options."""
+    bucket), the window's bucket last; then one typical request with the same options."""
     from dora_primespeech_mlx.models.sovits_stream import max_window_frames
 
     voice = engine.registry.get("Doubao")
@@ -310,4 +310,4 @@ def test_warm_up_uses_the_request_settings_speed_buckets_and_cache_blocks(engine
     assert last == max_window_frames(25, 50, 0.8) > 160  # speed 0.8 stretches a window past one bucket
     assert max_frames == max(int(2 * 200 / 0.8) + 1, last)
     synth_options, synth_kw = seen["synth"]
-    assert synth_options.top_k == 3 and synth_options.max_new_tokens == 2 and synth_kw["streaming"] is True
+    assert synth_options.top_k == 3 and synth_options.max_new_tokens == 200 and synth_kw["streaming"] is True

@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         "first_over_repeat": None if ratio is None else round(ratio, 3), "dora_exit": proc.returncode,
         "clean_exit": clean, "terminate_called": "terminate called" in everything, "wall_s": round(wall, 2),
         "node_env": {k: v for k, v in node_env.items() if k != "PRIMESPEECH_MODEL_DIR"},
+        "node_log": [m for m in (json.loads(x).get("message", "") for x in results.get("logs", []))
+                     if any(w in m for w in ("synthesised", "took", "ready", "warm", "MLX", "dora-rs"))],
     }
     print(f"{backend}; node ready after {summary['ready_s']} s ({summary['ready']})")
     print(f"{'text':<14} {'status':<10} {'first audio s':>13} {'completion s':>12} {'audio s':>8}  text")
@@ -128,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         fa = "-" if s["first_audio_s"] is None else f"{s['first_audio_s']:.3f}"
         done = "-" if s["completion_s"] is None else f"{s['completion_s']:.3f}"
         print(f"{s['name']:<14} {s['status']!s:<10} {fa:>13} {done:>12} {s['audio_s']:>8.2f}  {s['text'][:30]}")
+    for line in summary["node_log"]:
+        print("  node:", line[:240])
     print(f"first request / its repeat: {summary['first_over_repeat']}; failed: {summary['failed']}; "
           f"dora run exit {proc.returncode}, clean exit: {clean}; wall {wall:.1f} s")
     if args.json:

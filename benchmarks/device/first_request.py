@@ -38,7 +38,26 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--voice", default="Doubao")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="cap (for a quick run on the CPU)")
+    ap.add_argument("--thread", action="store_true", help="own the engine on a worker thread, as the node does")
+    ap.add_argument("--poller", action="store_true",
+                    help="plus a second thread waking every 20 ms, as the node's Dora loop does")
     args = ap.parse_args(argv)
+    if not args.thread:
+        return run(args)
+    import threading
+
+    stop = threading.Event()
+    if args.poller:
+        threading.Thread(target=lambda: [stop.wait(0.02) for _ in iter(stop.is_set, True)], daemon=True).start()
+    box = {}
+    worker = threading.Thread(target=lambda: box.update(rc=run(args)), name="mlx-owner")
+    worker.start()
+    worker.join()
+    stop.set()
+    return box.get("rc", 1)
+
+
+def run(args) -> int:
 
     from dora_primespeech_mlx.engine import Engine
     from dora_primespeech_mlx.node_service import NodeConfig
@@ -93,11 +112,12 @@ def main(argv=None) -> int:
         row = {"text": text, "total_s": round(total, 4), "tokens": result.timings.get("tokens"),
                "audio_s": round(result.duration, 2), **{k: round(v, 4) for k, v in stage.items()}}
         rows.append(row)
-        print(json.dumps(row, ensure_ascii=False))
-    print(f"first / repeat: {rows[0]['total_s'] / rows[-1]['total_s']:.3f}")
+        ms = 1000 * row.get("decode_s", 0) / max(1.0, (row["tokens"] or 1) - 1)
+        print(f"{total:6.3f} s  GPT decode {ms:5.2f} ms/token  {text[:24]}")
+    print(f"first / repeat: {rows[0]['total_s'] / rows[-1]['total_s']:.3f} (thread {args.thread}, poller {args.poller})")
     if args.json:
-        args.json.write_text(json.dumps({"backend": engine.backend, "warm_up": warm, "rows": rows}, indent=1,
-                                        ensure_ascii=False))
+        args.json.write_text(json.dumps({"backend": engine.backend, "warm_up": warm, "thread": args.thread,
+                                         "poller": args.poller, "rows": rows}, indent=1, ensure_ascii=False))
     return 0
 
 

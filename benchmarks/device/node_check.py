@@ -32,7 +32,7 @@ LONG_TEXT = ("从前有一座山，山里有一座庙。庙里住着一个老和
              "第二天早上，太阳出来了，鸟儿在树上唱歌。小和尚起床以后，又去找老和尚讲故事。")
 
 
-def plan(reset_after_s: float) -> list[dict]:
+def plan(reset_after_s: float, only: list[str] | None = None) -> list[dict]:
     texts = [t.strip() for t in (ROOT / "dataflows" / "demo" / "texts.txt").read_text(encoding="utf-8").splitlines()
              if t.strip()]
     steps = [{"name": f"demo {i}", "text": t} for i, t in enumerate(texts)]
@@ -42,7 +42,7 @@ def plan(reset_after_s: float) -> list[dict]:
         {"name": "after reset", "text": "重置之后，我还能继续说话。"},
         {"name": "demo 0 again", "text": texts[0]},
     ]
-    return steps
+    return steps if not only else [s for s in steps if s["name"] in only]
 
 
 def dataflow(driver_python: str, node_cmd: str, env: dict[str, str]) -> str:
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dora", default="dora", help="the dora CLI (must match the node's dora-rs)")
     ap.add_argument("--node", default="dora-primespeech-mlx", help="the node command")
     ap.add_argument("--env", action="append", default=[], help="extra NAME=VALUE for the node")
+    ap.add_argument("--steps", default=None, help="comma-separated step names to run (default: all)")
     ap.add_argument("--timeout", type=float, default=3000)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -85,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.resolve()
     shutil.rmtree(out, ignore_errors=True)
     (out / "run").mkdir(parents=True)
-    (out / "plan.json").write_text(json.dumps(plan(args.reset_after), ensure_ascii=False, indent=1))
+    only = args.steps.split(",") if args.steps else None
+    steps_plan = plan(args.reset_after, only)
+    (out / "plan.json").write_text(json.dumps(steps_plan, ensure_ascii=False, indent=1))
     node_env = {"PRIMESPEECH_MODEL_DIR": str(args.model_dir.resolve()), "VOICE_NAME": "Doubao",
                 "LOG_LEVEL": "INFO"}
     if args.max_new_tokens:
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {"steps": []}
 
     steps = results["steps"]
-    expected = {s["name"]: s.get("expect", "completed") for s in plan(args.reset_after)}
+    expected = {s["name"]: s.get("expect", "completed") for s in steps_plan}
     failed = [s for s in steps if s["status"] != expected.get(s["name"], "completed")]
     first = next((s for s in steps if s["name"] == "demo 0"), None)
     again = next((s for s in steps if s["name"] == "demo 0 again"), None)
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                     if m.startswith("MLX:")), "MLX: ?")
     summary = {
         "backend": backend, "ready": results.get("ready"), "ready_s": results.get("ready_s"),
-        "steps": steps, "failed": len(failed) + (len(plan(args.reset_after)) - len(steps)),
+        "steps": steps, "failed": len(failed) + (len(steps_plan) - len(steps)),
         "first_over_repeat": None if ratio is None else round(ratio, 3), "dora_exit": proc.returncode,
         "clean_exit": clean, "terminate_called": "terminate called" in everything, "wall_s": round(wall, 2),
         "node_env": {k: v for k, v in node_env.items() if k != "PRIMESPEECH_MODEL_DIR"},

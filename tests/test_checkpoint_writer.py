@@ -116,8 +116,6 @@ def test_tensor_round_trip_every_dtype_and_layout(tmp_path):
     assert ckpt.archive_folder == "t" and ckpt.version_tag is None
 
 
-@pytest.mark.xfail(strict=True, reason="checkpoint.py _rebuild_tensor: np.ascontiguousarray returns 0-d tensors "
-                   "as shape (1,); torch itself reads the written 0-d tensor as shape () (oracle test below)")
 def test_zero_dim_tensor_round_trip(tmp_path):
     path = write_torch_file(tmp_path / "s.pt", {"scalar": np.array(2.5, np.float32)})
     got = read_torch_file(path).obj["scalar"]

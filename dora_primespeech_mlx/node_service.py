@@ -7,15 +7,24 @@ drops metadata) and keeps `dora` out of the engine.
 Differences from dora-primespeech, on purpose (interface doc 7.3): JSON scalars never crash the node;
 empty or punctuation-only text yields exactly one `segment_complete` (`empty`), not two; a switched
 voice keeps its own language and speed unless the environment sets them; every voice shares the
-loaded encoders instead of rebuilding the engine; `reset`/`cancel` really stop synthesis.
+loaded encoders instead of rebuilding the engine; `reset`/`cancel` really stop synthesis; a JSON
+object without "prompt" speaks nothing; a text with characters but no phones (emoji, symbols) gets
+a short silent `audio` and `segment_complete: empty` (primespeech: 1 s of silence, `completed`).
+
+Also read: mofa-studio's Rust node `dora-gpt-sovits-mlx`'s configuration (`VOICE_CHARACTER`,
+`VOICES_CONFIG`, `REF_AUDIO`, `REF_TEXT`; voices.py) and Moxin-Voice's `VOICE:TRAINED|...`.
+Payloads may come from an LLM: their paths are never expanded, and every outgoing string is valid
+UTF-8 with no environment value in a request's `error` beyond what the request sent.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -27,7 +36,8 @@ import numpy as np
 import pyarrow as pa
 
 from .options import AudioChunk, SynthesisCancelled, SynthesisOptions
-from .voices import SUPPORTED_LANGS, Voice, VoiceRegistry, expand_path
+from .voices import (SUPPORTED_LANGS, CharacterTable, Voice, VoiceRegistry, expand_path, find_characters_file,
+                     known_names, payload_file, resolve_voice, shorten)
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +48,17 @@ PUNCTUATION_ONLY = set("。！？.!?,，、；：\"\"''（）【】《》\n\r\t 
 # env vars that primespeech YAMLs set but this node does not need
 UNNEEDED_ENV = ("USE_GPU", "DEVICE", "NUM_THREADS", "BATCH_SIZE", "TEXT_SPLIT_METHOD", "SPLIT_BUCKET",
                 "ENABLE_INTERNAL_SEGMENTATION", "TTS_MAX_SEGMENT_LENGTH", "TTS_MIN_SEGMENT_LENGTH",
-                "SAMPLE_RATE", "REPOSITORY", "GPT_MODEL_PATH", "SOVITS_MODEL_PATH", "REFERENCE_AUDIO_PATH")
+                "SAMPLE_RATE", "REPOSITORY", "GPT_MODEL_PATH", "SOVITS_MODEL_PATH", "REFERENCE_AUDIO_PATH",
+                # dora-gpt-sovits-mlx's (mofa-fm): its own weight files and switches
+                "GPT_SOVITS_MODEL_DIR", "T2S_WEIGHTS", "BERT_WEIGHTS", "BERT_TOKENIZER", "VITS_WEIGHTS",
+                "HUBERT_WEIGHTS", "VITS_ONNX_PATH", "VITS_PRETRAINED_BASE", "CODES_PATH", "USE_MLX_VITS",
+                "SYNTHESIS_TIMEOUT_SECS", "FRAGMENT_MIN_CHARS", "RUST_LOG")
 UNSUPPORTED_LANGS = ("ja", "ko", "yue", "auto_yue", "all_ja", "all_ko", "all_yue")
 PRECISION_CHOICES = ("fp32", "fp16", "bf16", "int8")
 SLOW_SEND_S = 0.05  # a Dora send slower than this is logged (DEBUG)  # models.t2s.PRECISIONS, without importing MLX
+SEED_MAX = 2**32 - 1  # GPT-SoVITS's seed range; -1 means a fresh random seed per request, as there
+NO_PHONES_SILENCE_S = 0.2  # silent audio for a text with characters but nothing to speak
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 Send = Callable[[str, pa.Array, dict], None]
 
@@ -68,8 +85,12 @@ class TTSEngine(Protocol):
 class NodeConfig:
     """Environment, read once (not at import time). Bad values fall back to defaults with a note."""
 
-    voice_name: str = "Doubao"
+    voice_name: str = "Doubao"  # VOICE_NAME, else VOICE_CHARACTER (mofa-fm's Rust node), else Doubao
+    voice_source: str = "default"  # which of them: "VOICE_NAME" | "VOICE_CHARACTER" | "default"
     model_dir: Path = Path("~/.dora/models/primespeech").expanduser()
+    voices_config: Path | None = None  # VOICES_CONFIG: dora-gpt-sovits-mlx's voices.json (characters)
+    ref_audio: Path | None = None  # REF_AUDIO: the startup voice's reference clip
+    ref_text: str | None = None  # REF_TEXT: its transcript (PROMPT_TEXT wins when both are set)
     use_ane: bool = False
     precision: str = "fp32"  # PRECISION: fp32 (default) | fp16 | bf16 | int8 (opt-in, docs/performance.md)
     text_lang: str | None = None
@@ -112,32 +133,56 @@ class NodeConfig:
                 return False
             raise ValueError(s)
 
+        def finite(s: str) -> float:  # "inf" and "nan" parse as floats but mean nothing here
+            value = float(s)
+            if not math.isfinite(value):
+                raise ValueError(s)
+            return value
+
+        def parse_seed(s: str) -> int | None:
+            value = int(s)
+            return None if value == -1 else value  # -1: a random seed per request (GPT-SoVITS's meaning)
+
         text_lang = get("TEXT_LANG", str.lower, None, lambda v: v in SUPPORTED_LANGS,
                         f"use one of {', '.join(SUPPORTED_LANGS)} (ja/ko/yue are not supported yet)")
         if env.get("PROMPT_LANG"):
             notes.append("PROMPT_LANG is taken from the voice registry; the variable is ignored")
         level = get("LOG_LEVEL", str.upper, "INFO", lambda v: v in LOG_LEVELS, "use DEBUG, INFO, WARNING or ERROR")
-        for name in UNNEEDED_ENV:
-            if name in env:
-                notes.append(f"{name} is not needed by dora-primespeech-mlx and is ignored")
+        ignored = [name for name in UNNEEDED_ENV if name in env]
+        if ignored:  # one line: mofa's YAMLs set many of them
+            notes.append(f"not needed by dora-primespeech-mlx, ignored: {', '.join(ignored)}")
         model_dir = expand_path(env.get("PRIMESPEECH_MODEL_DIR") or "~/.dora/models/primespeech")
+        voice_name, character = (env.get("VOICE_NAME") or "").strip(), (env.get("VOICE_CHARACTER") or "").strip()
+        if voice_name and character:
+            notes.append(f"VOICE_NAME={voice_name!r} and VOICE_CHARACTER={character!r} are both set; "
+                         "VOICE_NAME wins")
+        source = "VOICE_NAME" if voice_name else "VOICE_CHARACTER" if character else "default"
+        prompt_text = env.get("PROMPT_TEXT") or None
+        ref_text = (env.get("REF_TEXT") or "").strip() or None
+        if prompt_text and ref_text and prompt_text.strip() != ref_text:
+            notes.append("PROMPT_TEXT and REF_TEXT are both set; PROMPT_TEXT wins")
         return cls(
-            voice_name=(env.get("VOICE_NAME") or "Doubao").strip(),
+            voice_name=voice_name or character or "Doubao",
+            voice_source=source,
             model_dir=model_dir,
+            voices_config=expand_path(env["VOICES_CONFIG"]) if (env.get("VOICES_CONFIG") or "").strip() else None,
+            ref_audio=expand_path(env["REF_AUDIO"].strip()) if (env.get("REF_AUDIO") or "").strip() else None,
+            ref_text=ref_text,
             use_ane=get("USE_ANE", parse_bool, False),
             precision=get("PRECISION", str.lower, "fp32", lambda v: v in PRECISION_CHOICES,
                           f"use one of {', '.join(PRECISION_CHOICES)}"),
             text_lang=text_lang,
-            prompt_text=env.get("PROMPT_TEXT") or None,
-            speed_factor=get("SPEED_FACTOR", float, None, lambda v: 0.25 <= v <= 4.0, "use 0.25-4.0"),
-            fragment_interval=get("FRAGMENT_INTERVAL", float, None, lambda v: 0 <= v <= 10, "use 0-10 seconds"),
+            prompt_text=prompt_text,
+            speed_factor=get("SPEED_FACTOR", finite, None, lambda v: 0.25 <= v <= 4.0, "use 0.25-4.0"),
+            fragment_interval=get("FRAGMENT_INTERVAL", finite, None, lambda v: 0 <= v <= 10, "use 0-10 seconds"),
             return_fragment=get("RETURN_FRAGMENT", parse_bool, False),
             top_k=get("TOP_K", int, 5, lambda v: v >= 1, "use an integer >= 1"),
-            top_p=get("TOP_P", float, 1.0, lambda v: 0 < v <= 1, "use (0, 1]"),
-            temperature=get("TEMPERATURE", float, 1.0, lambda v: v > 0, "use > 0"),
-            repetition_penalty=get("REPETITION_PENALTY", float, 1.35, lambda v: v > 0, "use > 0"),
-            noise_scale=get("NOISE_SCALE", float, 0.5, lambda v: v >= 0, "use >= 0"),
-            seed=get("SEED", int, 233333),
+            top_p=get("TOP_P", finite, 1.0, lambda v: 0 < v <= 1, "use (0, 1]"),
+            temperature=get("TEMPERATURE", finite, 1.0, lambda v: v > 0, "use a finite number > 0"),
+            repetition_penalty=get("REPETITION_PENALTY", finite, 1.35, lambda v: v > 0, "use a finite number > 0"),
+            noise_scale=get("NOISE_SCALE", finite, 0.5, lambda v: v >= 0, "use a finite number >= 0"),
+            seed=get("SEED", parse_seed, 233333, lambda v: v is None or 0 <= v <= SEED_MAX,
+                     f"use 0-{SEED_MAX}, or -1 for a random seed per request"),
             max_new_tokens=get("MAX_NEW_TOKENS", int, None, lambda v: v >= 1, "use an integer >= 1"),
             log_level=level,
             notes=tuple(notes),
@@ -164,7 +209,23 @@ class TextRequest:
     text: str
     voice_id: str | None = None  # VOICE:<id>|...
     custom: tuple[str, str, str] | None = None  # VOICE:CUSTOM|ref|prompt|lang|... -> (ref, prompt, lang)
+    # VOICE:TRAINED|gpt|sovits|ref|prompt|lang|... (Moxin-Voice) -> (gpt, sovits, ref, prompt, lang)
+    trained: tuple[str, str, str, str, str] | None = None
     notes: tuple[str, ...] = ()
+
+
+def valid_unicode(text: str) -> str:
+    """`text` with lone surrogates (JSON `\\ud800` escapes, undecodable environment bytes) replaced by
+    U+FFFD, so it encodes as UTF-8 (Arrow and Dora refuse anything else)."""
+    return _SURROGATES.sub("\ufffd", text)
+
+
+def _prompt_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)  # numbers, booleans, lists: as written
 
 
 def arrow_text(value: Any) -> str:
@@ -186,16 +247,18 @@ def arrow_text(value: Any) -> str:
 
 
 def parse_text_payload(raw: str) -> TextRequest:
-    """Unwrap `{"prompt": ...}` JSON and a `VOICE:` prefix. Other JSON is plain text."""
+    """Unwrap `{"prompt": ...}` JSON and a `VOICE:` prefix. A JSON object without "prompt" is nothing
+    to speak (as upstream); other JSON (numbers, lists, ...) and invalid JSON are plain text."""
     text = raw
     stripped = raw.strip()
     if stripped.startswith("{"):
-        try:
-            obj = json.loads(stripped)
-        except (json.JSONDecodeError, RecursionError):
+        try:  # numbers stay as written: int() refuses more than 4300 digits, and "1.50" stays "1.50"
+            obj = json.loads(stripped, parse_int=str, parse_float=str)
+        except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
             obj = None
-        if isinstance(obj, dict) and "prompt" in obj:
-            text = "" if obj["prompt"] is None else str(obj["prompt"])
+        if isinstance(obj, dict):
+            text = _prompt_text(obj.get("prompt"))
+    text = valid_unicode(text)
     if not text.startswith("VOICE:"):
         return TextRequest(text)
     head, sep, rest = text[len("VOICE:"):].partition("|")
@@ -209,11 +272,61 @@ def parse_text_payload(raw: str) -> TextRequest:
                                             f"got {len(parts) + 1} parts, speaking the text as given",))
         ref, prompt, lang, body = (p.strip() for p in parts)
         return TextRequest(body, custom=(ref, prompt, lang.lower()))
+    if name == "TRAINED":
+        parts = rest.split("|", 5)
+        if len(parts) != 6:
+            return TextRequest(text, notes=("VOICE:TRAINED needs VOICE:TRAINED|<gpt.ckpt>|<sovits.pth>|<ref.wav>|"
+                                            f"<prompt text>|<lang>|<text>; got {len(parts) + 1} parts, speaking "
+                                            "the text as given",))
+        gpt, sovits, ref, prompt, lang, body = (p.strip() for p in parts)
+        return TextRequest(body, trained=(gpt, sovits, ref, prompt, lang.lower()))
     return TextRequest(rest, voice_id=name)
 
 
 def is_speakable(text: str) -> bool:
     return any(ch not in PUNCTUATION_ONLY for ch in text.strip())
+
+
+# a character the frontend always reads, per language mode: no need to run the frontend to know
+_SURELY_SPOKEN = {"en": re.compile("[A-Za-z0-9\uff10-\uff19]")}
+_SURELY_SPOKEN_ZH = re.compile("[A-Za-z0-9\uff10-\uff19\u4e00-\u9fff]")
+_SILENT_PHONES = frozenset({"SP", "SP2", "SP3", "UNK"})
+_PHONES_CHECK_CHARS = 2000  # beyond this an unusual text is left to the engine
+
+
+def has_phones(text: str, language: str) -> bool:
+    """Whether `text` yields at least one spoken phone (not only punctuation or pauses) in `language`.
+
+    The frontend runs only when no character is surely read (emoji, symbols, other scripts), on at
+    most the first `_PHONES_CHECK_CHARS` characters; any frontend error answers True so that the
+    engine reports it. Pure Python (no MLX).
+    """
+    if _SURELY_SPOKEN.get(language, _SURELY_SPOKEN_ZH).search(text):
+        return True
+    if len(text) > _PHONES_CHECK_CHARS:
+        return True
+    try:
+        from .text.frontend import piece_to_sentence
+        from .text.segment import split_sentences
+
+        try:
+            pieces = split_sentences(text, language)
+        except ValueError:  # only punctuation or blanks (upstream's 请输入有效文本)
+            return False
+        for piece in pieces:
+            phones = piece_to_sentence(piece, language).phones
+            if any(p not in _SILENT_PHONES and any(c.isalnum() for c in p) for p in phones):
+                return True
+        return False
+    except Exception:  # noqa: BLE001 - the engine says what is wrong with the text
+        return True
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 # ----------------------------------------------------------------------------------- service
@@ -247,6 +360,7 @@ class TTSService:
         self.stats = {"syntheses": 0, "audio_seconds": 0.0, "errors": 0, "cancelled": 0}
         self.engine: TTSEngine | None = None
         self.init_error: str | None = None
+        self._characters: CharacterTable | None = None  # dora-gpt-sovits-mlx's voices.json, read at start
         self._ready = threading.Event()
         for note in config.notes:
             self.log("WARNING", note)
@@ -265,6 +379,7 @@ class TTSService:
     # ---- outputs
 
     def log(self, level: str, message: str, metadata: dict | None = None) -> None:
+        message = valid_unicode(message)
         getattr(logger, level.lower(), logger.info)(message)
         if LOG_LEVELS[level] < LOG_LEVELS[self.config.log_level]:
             return
@@ -278,7 +393,17 @@ class TTSService:
         self.outbox.put(("status", pa.array([state]), {"status": state}))
 
     def _complete(self, status: str, metadata: dict, **extra: Any) -> None:
+        if "error" in extra:  # goes back towards whoever sent the text: no paths of this machine
+            extra["error"] = self._redact(valid_unicode(str(extra["error"])))
         self.outbox.put(("segment_complete", pa.array([status]), {**metadata, **extra}))
+
+    def _redact(self, message: str) -> str:
+        """`message` with the model directory and the home directory written as `$PRIMESPEECH_MODEL_DIR`
+        and `~`: an engine error may name files the request never mentioned."""
+        for path, name in ((str(self.config.model_dir), "$PRIMESPEECH_MODEL_DIR"), (os.path.expanduser("~"), "~")):
+            if len(path) > 1:
+                message = message.replace(path, name)
+        return message
 
     def drain(self, send: Send) -> int:
         """Send everything queued so far; returns how many messages went out."""
@@ -305,6 +430,8 @@ class TTSService:
             backend = getattr(self.engine, "backend", None)
             if backend:
                 self.log("INFO", f"MLX: {backend}")
+            self._report_frontend()
+            self._load_characters()
             voice = self._startup_voice()
             self._prepare(voice)
             warm_up = getattr(self.engine, "warm_up", None)  # compiles the GPT step on a GPU
@@ -319,26 +446,73 @@ class TTSService:
                 fix = "the installation is incomplete: reinstall dora-primespeech-mlx in the node's Python"
             else:
                 fix = (f"check PRIMESPEECH_MODEL_DIR={self.config.model_dir} (it must contain moyoyo/ with "
-                       f"the voice files) and VOICE_NAME={self.config.voice_name!r}")
+                       f"the voice files) and {self.config.voice_source if self.config.voice_source != 'default' else 'VOICE_NAME'}"
+                       f"={self.config.voice_name!r}")
             self.log("ERROR", f"engine initialisation failed: {self.init_error}; {fix}")
             self.status("error")
             return
         self.log("INFO", f"ready: voice {voice.id!r} prepared and warmed up in {time.perf_counter() - t0:.2f} s")
         self.status("ready")
 
+    def _report_frontend(self) -> None:
+        """Voices files the registry skipped, and whether Chinese polyphones use G2PW: on `log`."""
+        assert self.engine is not None
+        for warning in getattr(self.engine.registry, "warnings", ()):
+            self.log("WARNING", warning)
+        from .text.g2pw import g2pw_status
+
+        state = g2pw_status()  # set by the engine's configure_g2pw; None if it never ran
+        if state is not None:
+            self.log(*state)
+
+    def _load_characters(self) -> None:
+        """dora-gpt-sovits-mlx's voices.json (VOICES_CONFIG or the default places), if any."""
+        table, warnings = find_characters_file(self.config.model_dir, self.config.voices_config)
+        for warning in warnings:
+            self.log("WARNING", warning)
+        if table is not None:
+            self.log("INFO", f"voice characters from {table.path}: {', '.join(table.ids()) or 'none'}")
+        self._characters = table
+
     def _startup_voice(self) -> Voice:
+        """VOICE_NAME, else VOICE_CHARACTER, else Doubao; then REF_AUDIO / REF_TEXT / PROMPT_TEXT."""
+        from dataclasses import replace
+
         assert self.engine is not None
         registry = self.engine.registry
-        name = self.config.voice_name
-        if name not in registry:
-            self.log("ERROR", f"VOICE_NAME={name!r} is not a known voice; using 'Doubao'. "
-                              f"Known voices: {', '.join(registry.ids())}")
-            name = "Doubao"
-        voice = registry.get(name)
-        if self.config.prompt_text:
-            from dataclasses import replace
-
-            voice = replace(voice, prompt_text=self.config.prompt_text)  # a copy: the registry stays as it is
+        name, source = self.config.voice_name, self.config.voice_source
+        voice, how = registry.get("Doubao"), "the default voice"
+        if source != "default":
+            found = resolve_voice(name, registry, self._characters)
+            if found is not None and found.voice is not None and found.zero_shot \
+                    and not _is_file(found.voice.reference_audio):
+                self.log("WARNING", f"{source}={name!r}: {found.how}, but its reference clip "
+                                    f"{found.voice.reference_audio} does not exist; using 'Doubao'")
+            elif found is not None and found.voice is not None:
+                voice, how = found.voice, f"{source}={name!r}: {found.how}"
+            else:
+                problem = f" ({found.problem})" if found is not None and found.problem else ""
+                # VOICE_NAME is primespeech's own variable: a wrong one is an error, as it was
+                self.log("ERROR" if source == "VOICE_NAME" else "WARNING",
+                         f"{source}={name!r} is not a known voice{problem}; using 'Doubao'. Known voices: "
+                         f"{', '.join(known_names(registry, self._characters))}")
+        prompt_text = self.config.prompt_text
+        if self.config.ref_audio is not None:
+            if _is_file(self.config.ref_audio):
+                voice = replace(voice, reference_audio=self.config.ref_audio)
+                how += f"; reference clip from REF_AUDIO={self.config.ref_audio}"
+                prompt_text = prompt_text or self.config.ref_text
+                if prompt_text is None:
+                    self.log("WARNING", "REF_AUDIO is set without REF_TEXT (or PROMPT_TEXT): the voice's own "
+                                        "transcript is kept, and it must be what the clip says")
+            else:
+                self.log("WARNING", f"REF_AUDIO={self.config.ref_audio} is not a file; the voice keeps its own "
+                                    "reference clip (and REF_TEXT is ignored)")
+        else:
+            prompt_text = prompt_text or self.config.ref_text
+        if prompt_text:
+            voice = replace(voice, prompt_text=prompt_text)  # a copy: the registry stays as it is
+        self.log("INFO", f"startup voice {voice.id!r} ({how})")
         self._startup = voice
         return voice
 
@@ -359,6 +533,9 @@ class TTSService:
             passthrough["question_id"] = str(passthrough["question_id"])
         if not isinstance(passthrough["session_status"], str):
             passthrough["session_status"] = str(passthrough["session_status"])
+        for key, item in passthrough.items():
+            if isinstance(item, str):
+                passthrough[key] = valid_unicode(item)
         if passthrough["session_status"] in ("completed", "finished", "ended", "final"):
             self.log("INFO", f"session {passthrough['session_status']}", passthrough)
         request = parse_text_payload(arrow_text(value))
@@ -379,20 +556,32 @@ class TTSService:
         self._jobs.put(job)
 
     def _resolve_voice(self, request: TextRequest, metadata: dict) -> Voice:
+        """The request's voice, on the owner thread. Payload paths are checked here (literal, absolute,
+        existing files); a bad one raises ValueError/FileNotFoundError naming only what was sent."""
         assert self.engine is not None
         registry = self.engine.registry
         if request.custom is not None:
             ref, prompt, lang = request.custom
-            voice = registry.custom(ref, prompt, lang)
-            if not voice.reference_audio.is_file():
-                raise FileNotFoundError(f"VOICE:CUSTOM reference clip {voice.reference_audio} does not exist; "
-                                        "send an absolute path to a 3-10 s WAV file")
-            return voice
+            return registry.custom(payload_file(ref, "VOICE:CUSTOM reference clip"), prompt, lang)
+        if request.trained is not None:
+            gpt, sovits, ref, prompt, lang = request.trained
+            return registry.trained(payload_file(gpt, "VOICE:TRAINED GPT weights", (".ckpt",)),
+                                    payload_file(sovits, "VOICE:TRAINED SoVITS weights", (".pth",)),
+                                    payload_file(ref, "VOICE:TRAINED reference clip"), prompt, lang)
         if request.voice_id is not None:
             if request.voice_id in registry:
                 return registry.get(request.voice_id)
-            self.log("WARNING", f"unknown voice {request.voice_id!r}; using the startup voice "
-                                f"{self._startup.id!r}", metadata)
+            found = resolve_voice(request.voice_id, registry, self._characters)
+            if found is not None and found.voice is not None:
+                if found.zero_shot and not _is_file(found.voice.reference_audio):
+                    logger.warning("voice %r: reference clip %s is missing", request.voice_id,
+                                   found.voice.reference_audio)
+                    raise FileNotFoundError(f"voice {shorten(request.voice_id)!r}: the reference clip its voices "
+                                            "file names does not exist (the node's stderr names it)")
+                return found.voice
+            problem = f" ({found.problem})" if found is not None and found.problem else ""
+            self.log("WARNING", f"unknown voice {shorten(request.voice_id, 80)!r}{problem}; using the startup "
+                                f"voice {self._startup.id!r}", metadata)
         return self._startup
 
     def handle_control(self, value: Any) -> None:
@@ -407,7 +596,9 @@ class TTSService:
                              f"{s['errors']} errors, {s['cancelled']} cancelled")
         elif lowered == "list_voices":  # the registry is plain Python: safe off the owner thread
             ids = self.engine.registry.ids() if self.engine is not None else VoiceRegistry(self.config.model_dir).ids()
-            self.log("INFO", "voices: " + ", ".join(ids))
+            characters = self._characters
+            extra = f"; characters of {characters.path}: {', '.join(characters.ids())}" if characters else ""
+            self.log("INFO", "voices: " + ", ".join(ids) + extra)
         else:
             self.log("WARNING", f"unknown control command {command!r}; use reset, cancel, stats or list_voices")
 
@@ -463,12 +654,20 @@ class TTSService:
             return None
         try:
             voice = self._resolve_voice(job.request, job.metadata)
-        except (FileNotFoundError, ValueError) as exc:
+        except (OSError, ValueError) as exc:
             self.stats["errors"] += 1
             self._complete("error", job.metadata, session_status="error", error_stage="voice", error=str(exc))
             return None
-        self.status("busy")
         options = self.config.options_for(voice)
+        if not has_phones(job.request.text, options.text_lang or voice.text_lang):
+            # characters but nothing to speak (emoji, symbols): a short silence keeps consumers that
+            # advance on audio (mofa's segmenter) moving, then `empty` as for blank text
+            extra = {"segment_index": 0, "is_final": True} if self.config.return_fragment else {}
+            self._send_audio(np.zeros(int(NO_PHONES_SILENCE_S * self.engine.sample_rate), np.float32),
+                             self.engine.sample_rate, job.metadata, **extra)
+            self._complete("empty", job.metadata)
+            return None
+        self.status("busy")
         streaming = self.config.return_fragment
         pieces: list[np.ndarray] = []
         first_chunk_s = None

@@ -31,6 +31,7 @@ class FakeEngine:
         self.prepared: list[str] = []
         self.streaming: list[bool] = []
         self.calls: list[tuple[str, str, object]] = []
+        self.voices: list = []  # the Voice objects of warm_up and each synthesis
         self.warm_ups: list[tuple[str, object, bool]] = []
         self.threads: set[str] = set()
         self.delay = delay
@@ -53,11 +54,13 @@ class FakeEngine:
     def warm_up(self, voice, options=None, *, streaming=False):
         self._check_thread("warm_up")
         self.warm_ups.append((voice.id, options, streaming))
+        self.voices.append(voice)
 
     def synthesize_stream(self, text, voice, options, *, streaming=True, is_cancelled=None):
         self._check_thread("synthesize_stream")
         self._cancel.clear()
         self.calls.append((text, voice.id, options))
+        self.voices.append(voice)
         self.streaming.append(streaming)
         if self.fail_on and self.fail_on in text:
             raise RuntimeError("boom")
@@ -71,6 +74,13 @@ class FakeEngine:
 
     def cancel(self):
         self._cancel.set()
+
+
+@pytest.fixture(autouse=True)
+def _no_user_home(tmp_path_factory, monkeypatch):
+    """~/.dora/models/primespeech/voices.json is read for characters: tests get an empty home."""
+    monkeypatch.setenv("HOME", str(tmp_path_factory.mktemp("home")))
+    monkeypatch.delenv("PRIMESPEECH_VOICES_FILE", raising=False)
 
 
 @pytest.fixture
@@ -149,7 +159,12 @@ def test_env_overrides_voice_language_and_speed(model_dir):
         ("你好", "你好", None, None),
         ('{"prompt": "hello"}', "hello", None, None),
         ('{"prompt": null}', "", None, None),
-        ('{"other": 1}', '{"other": 1}', None, None),
+        ('{"other": 1}', "", None, None),  # an object without "prompt": nothing to speak (upstream too)
+        ('{"prompt": 12}', "12", None, None),
+        ('{"prompt": 1.50}', "1.50", None, None),
+        ('{"prompt": true}', "true", None, None),
+        ('{"prompt": "a\\ud800b"}', "a\ufffdb", None, None),  # a lone surrogate escape
+        ('{"prompt": "unterminated', '{"prompt": "unterminated', None, None),
         ("123", "123", None, None),
         ("true", "true", None, None),
         ("null", "null", None, None),

@@ -20,8 +20,10 @@ Files: ``g2pW.onnx``, ``config.py``, ``POLYPHONIC_CHARS.txt``, ``MONOPHONIC_CHAR
 library); the phrase dictionary ships as ``data/zh_g2pw_phrases.json.gz`` (upstream's
 ``polyphonic.rep`` + ``polyphonic-fix.rep``, see tools/oracle/refs_g2pw.py).
 
-onnxruntime and opencc-python-reimplemented are the optional ``[g2pw]`` extra: without them, or
-without ``g2pW.onnx``, :func:`configure_g2pw` logs one line and the frontend keeps pypinyin.
+onnxruntime and opencc-python-reimplemented are dependencies of the package (the ``[g2pw]`` extra
+names them too, for older install commands): without them, or without ``g2pW.onnx``,
+:func:`configure_g2pw` logs one line and the frontend keeps pypinyin; :func:`g2pw_status` returns
+that line for adapters (the Dora node puts it on its ``log`` output).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from .zh_normalize import traditional_to_simplified
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["G2PW", "G2PWConfig", "configure_g2pw", "load_g2pw", "phrase_dict"]
+__all__ = ["G2PW", "G2PWConfig", "configure_g2pw", "g2pw_status", "load_g2pw", "phrase_dict"]
 
 MODEL_FILE = "g2pW.onnx"
 _FIX = "re-download the G2PWModel folder"
@@ -385,7 +387,7 @@ def load_g2pw(g2pw_dir: str | Path, tokenizer_dir: str | Path) -> G2PW:
     """Build the resolver from a ``G2PWModel`` folder and the RoBERTa tokenizer folder.
 
     Raises:
-        ImportError: onnxruntime or opencc (the ``[g2pw]`` extra) is not installed.
+        ImportError: onnxruntime or opencc (dependencies; the ``[g2pw]`` extra) is not installed.
         FileNotFoundError / ValueError: a file of the folder is missing or malformed (named).
     """
     folder = Path(g2pw_dir)
@@ -441,7 +443,8 @@ def configure_g2pw(model_dir: str | Path | None = None, tokenizer_dir: str | Pat
 
     Returns:
         The installed resolver, or None when the frontend keeps pypinyin's readings (no model
-        file, or the ``[g2pw]`` extra missing); either way one log line says which.
+        file, or onnxruntime/opencc missing); either way one log line says which, and
+        :func:`g2pw_status` returns it.
 
     Raises:
         FileNotFoundError / ValueError: ``g2pW.onnx`` exists but its folder or the tokenizer is
@@ -454,7 +457,7 @@ def configure_g2pw(model_dir: str | Path | None = None, tokenizer_dir: str | Pat
     if model is None or not model.is_file():
         where = model if model is not None else "$PRIMESPEECH_MODEL_DIR/G2PWModel (variable not set)"
         # dora-primespeech itself refuses to start without it; we fall back, and say so once
-        logger.warning("G2PW model not found at %s: Chinese polyphones use pypinyin's readings", where)
+        _report("WARNING", f"G2PW model not found at {where}: Chinese polyphones use pypinyin's readings")
         chinese.set_polyphone_resolver(None)
         return None
     if tokenizer_dir is None:
@@ -462,10 +465,26 @@ def configure_g2pw(model_dir: str | Path | None = None, tokenizer_dir: str | Pat
     try:
         resolver = load_g2pw(model.parent, tokenizer_dir)
     except ImportError as e:
-        logger.warning("G2PW model found at %s but %s is not installed (pip install 'dora-primespeech-mlx[g2pw]'): "
-                       "Chinese polyphones use pypinyin's readings", model, e.name or e)
+        _report("WARNING", f"G2PW model found at {model} but {e.name or e} is not installed (a dependency: "
+                           "reinstall, or pip install 'dora-primespeech-mlx[g2pw]'): Chinese polyphones use "
+                           "pypinyin's readings")
         chinese.set_polyphone_resolver(None)
         return None
     chinese.set_polyphone_resolver(resolver)
-    logger.info("G2PW polyphone model loaded from %s", model.parent)
+    _report("INFO", f"G2PW polyphone model loaded from {model.parent}: Chinese polyphones use g2pW")
     return resolver
+
+
+_status: tuple[str, str] | None = None
+
+
+def _report(level: str, message: str) -> None:
+    global _status
+    _status = (level, message)
+    logger.log(logging.getLevelName(level), "%s", message)
+
+
+def g2pw_status() -> tuple[str, str] | None:
+    """(level, message) of the last :func:`configure_g2pw`: G2PW in use, or pypinyin and why; None
+    before any call."""
+    return _status

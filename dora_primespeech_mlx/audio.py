@@ -57,6 +57,8 @@ def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
         raise ValueError(f"{path}: cannot read audio ({exc}); convert it to WAV or FLAC") from None
     if data.shape[0] == 0:
         raise ValueError(f"{path}: the audio file holds no samples; record a 3-10 s reference clip")
+    if not np.isfinite(data).all():
+        raise ValueError(f"{path}: the audio holds NaN or infinite samples; re-export the clip as 16-bit PCM WAV")
     mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
     return _resample(np.ascontiguousarray(mono), int(rate), sample_rate)
 
@@ -75,9 +77,27 @@ class ReferenceAudio:
         return (self.wav16k_padded.shape[0] - HUBERT_PAD_SAMPLES) / HUBERT_RATE
 
 
+def _check_duration_before_reading(path: Path) -> None:
+    """Refuse a clip far outside 3-10 s from its header, before a multi-GB file is read whole."""
+    import soundfile as sf
+
+    if not path.is_file():
+        return  # load_audio names the missing file
+    try:
+        info = sf.info(str(path))
+    except Exception:  # noqa: BLE001 - unreadable headers are reported by load_audio
+        return
+    if info.samplerate > 0 and info.frames > 0:
+        seconds = info.frames / info.samplerate
+        if seconds > 2 * MAX_REF_SECONDS:
+            raise ValueError(f"{path}: reference audio lasts {seconds:.1f} s; GPT-SoVITS needs a clip of "
+                             f"{MIN_REF_SECONDS:g}-{MAX_REF_SECONDS:g} s. Trim or replace the reference clip.")
+
+
 def load_reference_audio(path: str | Path) -> ReferenceAudio:
     """Read a reference clip for a voice; it must last 3-10 s (GPT-SoVITS's limit)."""
     path = Path(path)
+    _check_duration_before_reading(path)
     wav16k = load_audio(path, HUBERT_RATE)
     n = wav16k.shape[0]
     if not MIN_REF_SECONDS * HUBERT_RATE <= n <= MAX_REF_SECONDS * HUBERT_RATE:

@@ -34,7 +34,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .options import SAMPLE_RATE, AudioChunk, SynthesisCancelled, SynthesisOptions, WrongThreadError
+from .options import (SAMPLE_RATE, AudioChunk, NothingToSpeak, SynthesisCancelled, SynthesisOptions,
+                      WrongThreadError)
 from .voices import Voice, VoiceRegistry
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,12 @@ BERT_DIM = 1024
 
 
 __all__ = ["Engine", "AudioResult", "VoicePrompt", "PhoneSentence", "SynthesisCancelled", "WrongThreadError",
-           "length_guard", "describe_backend"]
+           "NothingToSpeak", "length_guard", "describe_backend"]
+
+# longest piece synthesised as one sentence (mofa's TTS_MAX_SEGMENT_LENGTH): longer ones are cut at a
+# space or comma; keeps normalisation linear in the text and every piece inside BERT's 512 positions
+MAX_PIECE_CHARS = 100
+MAX_PROMPTS = 16  # prepared voices kept (VOICE:CUSTOM makes a new one per reference clip)
 
 # a "typical sentence" for warm-up: about 30 Chinese characters (the node's pieces rarely exceed it)
 TYPICAL_SENTENCE_PHONES = 64
@@ -144,7 +150,7 @@ class Engine:
         self.tokens_per_phone = tokens_per_phone
         self._max_loaded = max(1, max_loaded_voices)
         self._models: OrderedDict[tuple[Path, Path], tuple[object, object]] = OrderedDict()
-        self._prompts: dict[tuple, VoicePrompt] = {}
+        self._prompts: OrderedDict[tuple, VoicePrompt] = OrderedDict()
         self._hubert = None
         self._bert = None
         self._coreml = None
@@ -262,15 +268,36 @@ class Engine:
             yield self._with_bert(sentence)
 
     @staticmethod
-    def _text_sentences(text: str, language: str, *, split: bool = True) -> Iterator:
-        """The text frontend alone (normalisation, G2P), sentence by sentence."""
+    def _text_sentences(text: str, language: str, *, split: bool = True, notes: list[str] | None = None) -> Iterator:
+        """The text frontend alone (normalisation, G2P), sentence by sentence.
+
+        With `notes` (a request's text), pieces longer than `MAX_PIECE_CHARS` are cut and a piece the
+        frontend cannot speak (kana, hangul, a number too large to read) is skipped with a note, so
+        the rest is still spoken; without it (a voice's transcript) any failure raises."""
         from .text.frontend import piece_to_sentence
-        from .text.segment import check_language_mode, split_sentences
+        from .text.segment import check_language_mode, cut_long_piece, split_sentences
 
         check_language_mode(language)
-        pieces = split_sentences(text, language) if split else [text]
+        try:
+            pieces = split_sentences(text, language) if split else [text]
+        except ValueError as exc:  # only punctuation or blanks
+            if notes is None:
+                raise
+            raise NothingToSpeak(str(exc)) from None
+        if notes is not None:
+            cut = [c for piece in pieces for c in cut_long_piece(piece, MAX_PIECE_CHARS)]
+            if len(cut) > len(pieces):
+                notes.append(f"{len(cut) - len(pieces)} piece(s) longer than {MAX_PIECE_CHARS} characters were cut")
+            pieces = cut
         for piece in pieces:
-            sentence = piece_to_sentence(piece, language)
+            try:
+                sentence = piece_to_sentence(piece, language)
+            except Exception as exc:  # noqa: BLE001 - one bad sentence must not silence the others
+                if notes is None:
+                    raise
+                notes.append(f"skipped {piece[:40]!r}: {type(exc).__name__}: {str(exc)[:200]}")
+                logger.warning("skipped sentence %r: %s", piece[:40], exc)
+                continue
             if not sentence.norm_text and split:
                 continue  # upstream drops pieces that normalise to nothing
             if len(sentence.phone_ids) == 0:
@@ -296,6 +323,7 @@ class Engine:
         key = (voice.id, voice.reference_audio, voice.prompt_text, voice.prompt_lang, voice.sovits_weights)
         with self._lock:
             if key in self._prompts:
+                self._prompts.move_to_end(key)
                 return self._prompts[key]
         from .audio import load_reference_audio
 
@@ -322,6 +350,8 @@ class Engine:
                     prompt.prompt_codes.size, phone_ids.size)
         with self._lock:
             self._prompts[key] = prompt
+            while len(self._prompts) > MAX_PROMPTS:
+                self._prompts.popitem(last=False)
         return prompt
 
     @owner_only
@@ -413,13 +443,24 @@ class Engine:
             if cancelled():
                 raise SynthesisCancelled()
             t2s, sovits = self.voice_models(voice)
-            texts = self._text_sentences(text, language)
+            notes: list[str] = []
+            texts = self._text_sentences(text, language, notes=notes)
+
+            def next_sentence() -> PhoneSentence | None:
+                for sentence in texts:
+                    try:
+                        return self._with_bert(sentence)
+                    except Exception as exc:  # noqa: BLE001 - skip the sentence, speak the rest
+                        notes.append(f"skipped {sentence.text[:40]!r}: {type(exc).__name__}: {str(exc)[:200]}")
+                        logger.warning("skipped sentence %r: %s", sentence.text[:40], exc)
+                return None
+
             t0 = time.perf_counter()
-            first = next(texts, None)
-            upcoming = None if first is None else self._with_bert(first)
+            upcoming = next_sentence()
             frontend_s = time.perf_counter() - t0
             if upcoming is None:
-                raise ValueError(f"text {text[:60]!r} has nothing to speak after normalisation")
+                reason = "; ".join(notes) or "no phones after normalisation"
+                raise NothingToSpeak(f"text {text[:60]!r} has nothing to speak ({reason[:400]})")
             index = -1
             while upcoming is not None:
                 index += 1
@@ -452,7 +493,7 @@ class Engine:
                         timings["sovits_s"] += time.perf_counter() - t2
                         if audio.size:
                             timings["t2s_s"] = time.perf_counter() - t1 - timings["sovits_s"]
-                            yield self._chunk(audio, index, chunk_index, False, timings, t_start)
+                            yield self._chunk(audio, index, chunk_index, False, timings, t_start, notes)
                             chunk_index += 1
                             timings = {"t2s_s": 0.0, "sovits_s": 0.0}
                             t1 = time.perf_counter()
@@ -477,25 +518,31 @@ class Engine:
                 # the next sentence's frontend + BERT: is this one the last?
                 # (measured: running it on a worker thread during the GPT decode made things slower,
                 # the decode loop is Python-bound and the threads share the GIL; docs/benchmarks.md)
-                following = next(texts, None)
-                upcoming = None if following is None else self._with_bert(following)
+                upcoming = next_sentence()
                 if cancelled():
                     raise SynthesisCancelled()
                 timings["frontend_next_s"] = time.perf_counter() - t3
                 silence = np.zeros(int(round(interval * self.sample_rate)), np.float32)
                 yield self._chunk(np.concatenate([audio.astype(np.float32), silence]), index, chunk_index,
-                                  upcoming is None, timings, t_start)
+                                  upcoming is None, timings, t_start, notes)
         finally:
             mx.clear_cache()  # release buffers between requests
 
     def _chunk(self, audio: np.ndarray, sentence: int, chunk: int, final: bool, timings: dict,
-               t_start: float) -> AudioChunk:
+               t_start: float, notes: list[str] | None = None) -> AudioChunk:
+        if not np.isfinite(audio).all():
+            raise FloatingPointError(
+                f"SoVITS produced non-finite audio for sentence {sentence} (NaN/Inf in the waveform): the voice's "
+                "weights or reference clip are broken, or NOISE_SCALE/SPEED_FACTOR are out of range")
         peak = float(np.abs(audio).max(initial=0.0))
         if peak > 1.0:  # upstream peak-limits each sentence to 1; a stream can only limit each chunk
             audio = audio / peak
         timings = dict(timings, elapsed_s=time.perf_counter() - t_start, peak_memory_mb=mx.get_peak_memory() / 1e6)
+        pending = tuple(notes or ())
+        if notes:
+            notes.clear()  # each note goes out once, with the next chunk
         return AudioChunk(audio.astype(np.float32, copy=False), self.sample_rate, sentence_index=sentence,
-                          chunk_index=chunk, is_final=final, timings=timings)
+                          chunk_index=chunk, is_final=final, timings=timings, notes=pending)
 
     @owner_only
     def synthesize(self, text: str, voice: Voice | str, options: SynthesisOptions | None = None) -> AudioResult:

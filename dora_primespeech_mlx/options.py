@@ -13,6 +13,11 @@ class SynthesisCancelled(Exception):
     """Raised inside a synthesis generator once its request was cancelled (`Engine.cancel()`)."""
 
 
+class NothingToSpeak(ValueError):
+    """The text holds nothing the engine can speak (punctuation, emoji, symbols, or only sentences
+    that had to be skipped). Adapters answer it as `empty`, not as an error."""
+
+
 class WrongThreadError(RuntimeError):
     """An MLX-evaluating engine method was called from a thread other than the engine's owner.
 
@@ -70,6 +75,7 @@ class AudioChunk:
     chunk_index: int = 0
     is_final: bool = False
     timings: dict[str, float] = field(default_factory=dict)  # seconds, per stage
+    notes: tuple[str, ...] = ()  # warnings about this stretch of text (a skipped sentence, a cut piece)
 
     @property
     def duration(self) -> float:

@@ -311,3 +311,71 @@ def test_warm_up_uses_the_request_settings_speed_buckets_and_cache_blocks(engine
     assert max_frames == max(int(2 * 200 / 0.8) + 1, last)
     synth_options, synth_kw = seen["synth"]
     assert synth_options.top_k == 3 and synth_options.max_new_tokens == 200 and synth_kw["streaming"] is True
+
+
+# ------------------------------------------------------------------------------------ hostile text
+
+
+def test_a_sentence_that_cannot_be_spoken_is_skipped_and_the_rest_spoken(engine):
+    """Kana in one sentence used to fail the whole text; now that sentence is skipped with a note on
+    the chunks and the others are spoken."""
+    options = SynthesisOptions(max_new_tokens=2, seed=1, fragment_interval=0.0)
+    chunks = list(engine.synthesize_stream("第一句话。ひらがなの文です。第三句话。", "Doubao", options, streaming=False))
+    assert len(chunks) == 2 and chunks[-1].is_final
+    notes = [n for c in chunks for n in c.notes]
+    assert len(notes) == 1 and "skipped" in notes[0] and "kana" in notes[0].lower()
+
+
+def test_only_unspeakable_text_is_nothing_to_speak(engine):
+    from dora_primespeech_mlx.options import NothingToSpeak
+
+    for text in ("😀😀🎉", "ひらがなです。", "。。。"):
+        with pytest.raises(NothingToSpeak):
+            list(engine.synthesize_stream(text, "Doubao", SynthesisOptions(max_new_tokens=2)))
+
+
+def test_long_digit_runs_are_cut_and_stay_fast(engine):
+    """A run of thousands of digits made the English normaliser run for minutes (quadratic regexes,
+    then a number too large to read); pieces are now cut to MAX_PIECE_CHARS first."""
+    import time
+
+    for lang in ("en", "zh"):
+        t0 = time.perf_counter()
+        sentences = []
+        notes: list[str] = []
+        for sentence in engine._text_sentences("1" * 5000, lang, notes=notes):
+            sentences.append(sentence)
+        assert time.perf_counter() - t0 < 20, lang  # was 83 s for 3000 digits in English
+        assert any("cut" in n for n in notes)
+        assert all(len(s.text) <= 100 for s in sentences)
+
+
+def test_cut_long_piece_prefers_spaces_and_commas():
+    from dora_primespeech_mlx.text.segment import cut_long_piece
+
+    words = " ".join(["word"] * 60)
+    parts = cut_long_piece(words, 100)
+    assert "".join(parts) == words and all(len(p) <= 100 for p in parts)
+    assert all(p.endswith(" ") for p in parts[:-1])
+    assert cut_long_piece("x" * 250, 100) == ["x" * 100, "x" * 100, "x" * 50]
+    assert cut_long_piece("短句", 100) == ["短句"]
+
+
+def test_non_finite_reference_and_overlong_reference_are_refused_before_use(tmp_path):
+    import soundfile as sf
+
+    from dora_primespeech_mlx.audio import load_reference_audio
+
+    wav = np.zeros(32000 * 4, np.float32)
+    wav[100] = np.nan
+    sf.write(tmp_path / "nan.wav", wav, 32000, subtype="FLOAT")
+    with pytest.raises(ValueError, match="NaN"):
+        load_reference_audio(tmp_path / "nan.wav")
+    sf.write(tmp_path / "long.wav", np.zeros(16000 * 30, np.float32), 16000, subtype="PCM_16")
+    with pytest.raises(ValueError, match="30.0 s"):
+        load_reference_audio(tmp_path / "long.wav")
+
+
+def test_non_finite_audio_is_an_error_naming_its_source(engine):
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        engine._chunk(np.array([0.0, np.inf], np.float32), 0, 0, True, {}, 0.0)

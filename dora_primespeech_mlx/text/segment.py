@@ -126,6 +126,23 @@ def split_big_text(text: str, max_len: int = 510) -> list[str]:
     return out
 
 
+def cut_long_piece(piece: str, limit: int) -> list[str]:
+    """`piece` in chunks of at most `limit` characters, cut after the last space or punctuation mark
+    inside the limit (a hard cut when there is none). Bounds what each piece costs downstream: the
+    normalisers' regexes are quadratic in a run of digits, and BERT takes 512 positions."""
+    out = []
+    while len(piece) > limit:
+        window = piece[:limit]
+        cut = max(window.rfind(c) for c in " ，,、；;：:") + 1
+        if cut <= limit // 4:  # no useful boundary: cut hard
+            cut = limit
+        out.append(piece[:cut])
+        piece = piece[cut:]
+    if piece:
+        out.append(piece)
+    return out
+
+
 def split_sentences(text: str, language: str, include_space: bool = True) -> list[str]:
     """Split one text input into the pieces the engine synthesises one by one (steps 1-5 above).
 

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 
-from .options import AudioChunk, SynthesisCancelled, SynthesisOptions
+from .options import AudioChunk, NothingToSpeak, SynthesisCancelled, SynthesisOptions
 from .voices import (SUPPORTED_LANGS, CharacterTable, Voice, VoiceRegistry, expand_path, find_characters_file,
                      known_names, payload_file, resolve_voice, shorten)
 
@@ -491,11 +491,12 @@ class TTSService:
             elif found is not None and found.voice is not None:
                 voice, how = found.voice, f"{source}={name!r}: {found.how}"
             else:
-                problem = f" ({found.problem})" if found is not None and found.problem else ""
+                why = (found.problem if found is not None and found.problem else "is not a known voice") + \
+                    f"; using 'Doubao'. Known voices: {', '.join(known_names(registry, self._characters))}"
                 # VOICE_NAME is primespeech's own variable: a wrong one is an error, as it was
-                self.log("ERROR" if source == "VOICE_NAME" else "WARNING",
-                         f"{source}={name!r} is not a known voice{problem}; using 'Doubao'. Known voices: "
-                         f"{', '.join(known_names(registry, self._characters))}")
+                self.log("ERROR" if source == "VOICE_NAME" else "WARNING", f"{source}={name!r} {why}")
+            if voice.id == "Doubao" and how == "the default voice":
+                how = f"instead of {source}={name!r}"
         prompt_text = self.config.prompt_text
         if self.config.ref_audio is not None:
             if _is_file(self.config.ref_audio):
@@ -579,9 +580,9 @@ class TTSService:
                     raise FileNotFoundError(f"voice {shorten(request.voice_id)!r}: the reference clip its voices "
                                             "file names does not exist (the node's stderr names it)")
                 return found.voice
-            problem = f" ({found.problem})" if found is not None and found.problem else ""
-            self.log("WARNING", f"unknown voice {shorten(request.voice_id, 80)!r}{problem}; using the startup "
-                                f"voice {self._startup.id!r}", metadata)
+            why = f" ({found.problem})" if found is not None and found.problem else ""
+            self.log("WARNING", f"unknown voice {shorten(request.voice_id, 80)!r}{why}; using the startup voice "
+                                f"{self._startup.id!r}", metadata)
         return self._startup
 
     def handle_control(self, value: Any) -> None:
@@ -660,13 +661,7 @@ class TTSService:
             return None
         options = self.config.options_for(voice)
         if not has_phones(job.request.text, options.text_lang or voice.text_lang):
-            # characters but nothing to speak (emoji, symbols): a short silence keeps consumers that
-            # advance on audio (mofa's segmenter) moving, then `empty` as for blank text
-            extra = {"segment_index": 0, "is_final": True} if self.config.return_fragment else {}
-            self._send_audio(np.zeros(int(NO_PHONES_SILENCE_S * self.engine.sample_rate), np.float32),
-                             self.engine.sample_rate, job.metadata, **extra)
-            self._complete("empty", job.metadata)
-            return None
+            return self._nothing_to_speak(job)
         self.status("busy")
         streaming = self.config.return_fragment
         pieces: list[np.ndarray] = []
@@ -685,6 +680,8 @@ class TTSService:
                     first_chunk_s = time.perf_counter() - job.received
                 for key in ("frontend_s", "frontend_next_s", "t2s_s", "sovits_s", "tokens"):
                     spent[key] = spent.get(key, 0.0) + float(chunk.timings.get(key, 0.0))
+                for note in getattr(chunk, "notes", ()):  # a skipped sentence, a cut piece
+                    self.log("WARNING", note, job.metadata)
                 audio = np.asarray(chunk.audio, dtype=np.float32)
                 if streaming:
                     self._send_audio(audio, chunk.sample_rate, job.metadata, segment_index=index,
@@ -696,6 +693,9 @@ class TTSService:
                 raise SynthesisCancelled()
         except SynthesisCancelled:
             return self._cancelled(job)
+        except NothingToSpeak as exc:  # e.g. only kana, or every sentence had to be skipped
+            self.log("WARNING", str(exc), job.metadata)
+            return self._nothing_to_speak(job)
         except Exception as exc:  # noqa: BLE001 - one bad request must not kill the node
             if job.cancelled:  # whatever a cancelled synthesis raised on its way out
                 return self._cancelled(job)
@@ -716,6 +716,15 @@ class TTSService:
                           f"SoVITS {spent.get('sovits_s', 0):.3f} s)", job.metadata)
         self._complete("completed", job.metadata)
         return None
+
+    def _nothing_to_speak(self, job: _Job) -> None:
+        """Characters but nothing to speak (emoji, symbols, unsupported scripts): a short silence keeps
+        consumers that advance on audio (mofa's segmenter) moving, then `empty` as for blank text."""
+        assert self.engine is not None
+        extra = {"segment_index": 0, "is_final": True} if self.config.return_fragment else {}
+        self._send_audio(np.zeros(int(NO_PHONES_SILENCE_S * self.engine.sample_rate), np.float32),
+                         self.engine.sample_rate, job.metadata, **extra)
+        self._complete("empty", job.metadata)
 
     def _send_audio(self, audio: np.ndarray, sample_rate: int, metadata: dict, **extra: Any) -> None:
         duration = float(len(audio)) / float(sample_rate)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from dora_primespeech_mlx.node import run
 from dora_primespeech_mlx.node_service import NodeConfig, TTSService, parse_text_payload
-from dora_primespeech_mlx.options import AudioChunk, SynthesisCancelled, WrongThreadError
+from dora_primespeech_mlx.options import AudioChunk, NothingToSpeak, SynthesisCancelled, WrongThreadError
 from dora_primespeech_mlx.voices import VoiceRegistry
 
 
@@ -64,13 +64,17 @@ class FakeEngine:
         self.streaming.append(streaming)
         if self.fail_on and self.fail_on in text:
             raise RuntimeError("boom")
+        if text and all("\u3040" <= c <= "\u30ff" or c in "。" for c in text):  # as the engine: kana only
+            raise NothingToSpeak(f"text {text!r} has nothing to speak (skipped: Japanese kana)")
         n = max(1, len(text) // 4)
         for i in range(n):
             if self._cancel.is_set() or (is_cancelled is not None and is_cancelled()):
                 raise SynthesisCancelled()
             time.sleep(self.delay)
             t = np.arange(3200) / 32000
-            yield AudioChunk(np.sin(2 * np.pi * 220 * t).astype(np.float32) * 0.1, 32000, 0, i, i == n - 1)
+            notes = ("skipped 'x': kana",) if ("\u3042" in text and i == 0) else ()  # the engine's note on a skip
+            yield AudioChunk(np.sin(2 * np.pi * 220 * t).astype(np.float32) * 0.1, 32000, 0, i, i == n - 1,
+                             notes=notes)
 
     def cancel(self):
         self._cancel.set()
@@ -103,8 +107,17 @@ def make_service(model_dir, env=None, **engine_kw):
 
 
 class Sent(list):
+    """Records what the node sends; refuses what Dora would (strings that are not valid UTF-8)."""
+
     def __call__(self, output_id, data, metadata):
+        for value in (metadata or {}).values():
+            if isinstance(value, str):
+                value.encode("utf-8")  # raises on a lone surrogate
         self.append((output_id, data, metadata))
+
+    def logs(self, level=None):
+        out = [json.loads(d[0].as_py()) for d, _ in self.of("log")]
+        return [m["message"] for m in out if level is None or m["level"] == level]
 
     def of(self, output_id):
         return [(d, m) for o, d, m in self if o == output_id]
@@ -339,6 +352,10 @@ def test_wrong_arrow_types_never_crash(model_dir, value):
     st.text(max_size=20).map(lambda t: json.dumps({"prompt": t})),
     st.text(max_size=20).map(lambda t: "VOICE:" + t),
     st.lists(st.text(max_size=10), max_size=5).map(lambda parts: "VOICE:CUSTOM|" + "|".join(parts)),
+    st.lists(st.text(max_size=10), max_size=7).map(lambda parts: "VOICE:TRAINED|" + "|".join(parts)),
+    st.lists(st.sampled_from(["\\ud800", "\\udfff", "a", "|", "/", "VOICE:CUSTOM|", "\\u0000"]), max_size=8)
+    .map(lambda parts: '{"prompt": "' + "".join(parts) + '"}'),
+    st.sampled_from(["dnz", "DaNiu", "marc", "fewshot", "luoxiang", "nobody"]).map(lambda v: f"VOICE:{v}|你好"),
     st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
                  lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
                  max_leaves=8).map(json.dumps),
@@ -475,4 +492,389 @@ def test_the_owner_thread_survives_a_failing_request_handler(model_dir, monkeypa
     monkeypatch.undo()
     sent = process(service, "第二句话")
     assert [d[0].as_py() for d, _ in sent.of("segment_complete")] == ["completed"]
+    service.close()
+
+
+# --------------------------------------------------------- mofa-studio's configuration (VOICE_CHARACTER)
+
+RUST_VOICES = {
+    "default_voice": "doubao",
+    "voices": {
+        "doubao": {"ref_audio": "moyoyo/ref_audios/doubao_ref_mix_new.wav", "ref_text": "这家resturant的steak很有名",
+                   "aliases": ["default"]},
+        "dnz": {"ref_audio": "moyoyo/ref_audios/dnz_ref.wav", "ref_text": "今天啊", "aliases": ["daniu", "zhaodaniu"]},
+        "marc": {"ref_audio": "moyoyo/ref_audios/fewshot_ref.wav", "ref_text": "Hello there, my friend.",
+                 "speed_factor": 1.2, "aliases": ["fewshot"]},
+    },
+}
+
+
+def rust_voices_file(path, base, clip=True):
+    """dora-gpt-sovits-mlx's voices.json at `path`, relative clips under `base` (the marc clip made)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**RUST_VOICES, "models_base_path": str(base)}))
+    if clip:
+        (base / "moyoyo" / "ref_audios").mkdir(parents=True, exist_ok=True)
+        (base / "moyoyo" / "ref_audios" / "fewshot_ref.wav").write_bytes(b"RIFF")
+    return path
+
+
+def startup(sent):
+    (message,) = [m for m in sent.logs("INFO") if m.startswith("startup voice")]
+    return message
+
+
+def started(service):
+    sent = Sent()
+    service.drain(sent)
+    return sent
+
+
+@pytest.mark.parametrize("character, voice", [
+    ("dnz", "Zhao Daniu"), ("DNZ", "Zhao Daniu"), ("DaNiu", "Zhao Daniu"), ("zhaodaniu", "Zhao Daniu"),
+    ("yfc", "Chen Yifan"), ("ChenYifan", "Chen Yifan"), ("luoxiang", "Luo Xiang"), ("LUO", "Luo Xiang"),
+    ("doubao", "Doubao"), ("default", "Doubao"), ("yangmi", "Yang Mi"), ("mayun", "Ma Yun"), ("bys", "BYS"),
+])
+def test_voice_character_through_the_built_in_table(model_dir, character, voice):
+    service, engine = make_service(model_dir, {"VOICE_CHARACTER": character})
+    sent = started(service)
+    assert engine.warm_ups[0][0] == voice and engine.prepared[0] == voice
+    message = startup(sent)
+    assert f"VOICE_CHARACTER={character!r}" in message and "built-in table" in message and voice in message
+    assert sent.logs("WARNING") == []
+    # the same names work per request
+    process(service, f"VOICE:{character}|你好世界")
+    assert engine.calls[-1][1] == voice
+    service.close()
+
+
+def test_voice_character_through_dora_gpt_sovits_mlx_voices_json(model_dir):
+    rust_voices_file(model_dir / "voices.json", model_dir)
+    service, engine = make_service(model_dir, {"VOICE_CHARACTER": "FewShot"})
+    sent = started(service)
+    voice = engine.voices[0]  # warm-up: the startup voice
+    doubao = engine.registry.get("Doubao")
+    assert voice.id == "marc" and (voice.gpt_weights, voice.sovits_weights) == (doubao.gpt_weights, doubao.sovits_weights)
+    assert voice.reference_audio == model_dir / "moyoyo" / "ref_audios" / "fewshot_ref.wav"
+    assert (voice.prompt_text, voice.speed_factor) == ("Hello there, my friend.", 1.2)
+    message = startup(sent)
+    assert "VOICE_CHARACTER='FewShot'" in message and str(model_dir / "voices.json") in message and "zero-shot" in message
+    assert any(m.startswith("voice characters from") and "marc" in m for m in sent.logs("INFO"))
+    # a character that is one of our voices keeps its own fine-tuned weights
+    process(service, "VOICE:DaNiu|大家好啊")
+    assert engine.voices[-1] == engine.registry.get("Zhao Daniu")
+    process(service, "VOICE:marc|hello there my friends")
+    assert engine.voices[-1].id == "marc"
+    service.handle_control(pa.array(["list_voices"]))
+    assert any("characters of" in m and "marc" in m for m in started(service).logs("INFO"))
+    service.close()
+
+
+def test_voices_config_wins_over_the_model_dir_file(model_dir, tmp_path):
+    rust_voices_file(model_dir / "voices.json", model_dir, clip=False)  # its marc clip is missing
+    explicit = rust_voices_file(tmp_path / "cfg" / "mine.json", tmp_path / "base")
+    service, engine = make_service(model_dir, {"VOICE_CHARACTER": "marc", "VOICES_CONFIG": str(explicit)})
+    assert engine.voices[0].reference_audio == tmp_path / "base" / "moyoyo" / "ref_audios" / "fewshot_ref.wav"
+    assert str(explicit) in startup(started(service))
+    service.close()
+
+
+def test_the_home_voices_json_is_read(model_dir, monkeypatch, tmp_path):
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    rust_voices_file(home / ".dora" / "models" / "primespeech" / "voices.json", tmp_path / "base")
+    service, engine = make_service(model_dir, {"VOICE_CHARACTER": "marc"})
+    assert engine.voices[0].id == "marc"
+    service.close()
+
+
+@pytest.mark.parametrize("content", [json.dumps(RUST_VOICES), "{corrupt", "[1, 2]", json.dumps({"voices": 3})])
+def test_no_voices_json_stops_the_engine(model_dir, content):
+    """Before: VoiceRegistry refused a map-shaped voices.json and the engine failed to start."""
+    model_dir.mkdir(parents=True)
+    (model_dir / "voices.json").write_text(content)
+    service, engine = make_service(model_dir)
+    sent = started(service)
+    assert service.init_error is None and [d[0].as_py() for d, _ in sent.of("status")] == ["ready"]
+    warnings = sent.logs("WARNING")
+    if content == json.dumps(RUST_VOICES):
+        assert warnings == []  # the Rust node's file: characters, nothing skipped
+    else:
+        assert warnings and all(str(model_dir / "voices.json") in w and "skipped" in w for w in warnings)
+    assert process(service, "你好世界").of("segment_complete")[0][0][0].as_py() == "completed"
+    service.close()
+
+
+def test_a_bad_character_entry_is_named_and_the_rest_work(model_dir):
+    data = json.loads(json.dumps(RUST_VOICES))
+    data["voices"]["broken"] = {"ref_text": "no clip"}
+    data["models_base_path"] = str(model_dir)
+    model_dir.mkdir(parents=True)
+    (model_dir / "voices.json").write_text(json.dumps(data))
+    service, engine = make_service(model_dir, {"VOICE_CHARACTER": "dnz"})
+    sent = started(service)
+    (warning,) = sent.logs("WARNING")
+    assert "'broken'" in warning and "ref_audio" in warning and str(model_dir / "voices.json") in warning
+    assert engine.voices[0].id == "Zhao Daniu"
+    service.close()
+
+
+def test_voice_name_wins_over_voice_character_with_a_warning(model_dir):
+    service, engine = make_service(model_dir, {"VOICE_NAME": "Luo Xiang", "VOICE_CHARACTER": "dnz"})
+    sent = started(service)
+    assert engine.voices[0].id == "Luo Xiang" and "VOICE_NAME='Luo Xiang'" in startup(sent)
+    assert any("VOICE_CHARACTER='dnz'" in w and "VOICE_NAME wins" in w for w in sent.logs("WARNING"))
+    service.close()
+
+
+def test_unknown_character_falls_back_to_doubao_listing_known_ids(model_dir):
+    service, engine = make_service(model_dir, {"VOICE_CHARACTER": "nobody"})
+    sent = started(service)
+    assert engine.voices[0].id == "Doubao"
+    (warning,) = sent.logs("WARNING")
+    assert "VOICE_CHARACTER='nobody'" in warning and "dnz" in warning and "Luo Xiang" in warning
+    assert sent.logs("ERROR") == []
+    service.close()
+    # a wrong VOICE_NAME stays an error, as it was
+    service, engine = make_service(model_dir, {"VOICE_NAME": "nobody"})
+    assert engine.voices[0].id == "Doubao" and any("VOICE_NAME='nobody'" in m for m in started(service).logs("ERROR"))
+    service.close()
+
+
+def test_mofa_id_without_a_built_in_voice_says_so(model_dir):
+    service, engine = make_service(model_dir, {"VOICE_CHARACTER": "marc"})
+    sent = started(service)
+    assert engine.voices[0].id == "Doubao"
+    (warning,) = sent.logs("WARNING")
+    assert "no built-in voice" in warning and "Marc" in warning and "voices.json" in warning
+    sent = process(service, "VOICE:fewshot|hello there")
+    assert engine.calls[-1][1] == "Doubao" and any("no built-in voice" in w for w in sent.logs("WARNING"))
+    service.close()
+
+
+def test_character_whose_clip_is_missing(model_dir):
+    rust_voices_file(model_dir / "voices.json", model_dir, clip=False)
+    service, engine = make_service(model_dir, {"VOICE_CHARACTER": "marc"})
+    sent = started(service)
+    assert engine.voices[0].id == "Doubao" and any("fewshot_ref.wav" in w for w in sent.logs("WARNING"))
+    # per request: an error that names neither the clip's path nor the model dir
+    sent = process(service, "VOICE:marc|hello there")
+    (data, meta), = sent.of("segment_complete")
+    assert data[0].as_py() == "error" and meta["error_stage"] == "voice" and "'marc'" in meta["error"]
+    assert str(model_dir) not in meta["error"] and "fewshot_ref" not in meta["error"]
+    service.close()
+
+
+def test_ref_audio_and_ref_text_set_the_startup_reference(model_dir, tmp_path):
+    clip = tmp_path / "me.wav"
+    clip.write_bytes(b"RIFF")
+    service, engine = make_service(model_dir, {"VOICE_CHARACTER": "dnz", "REF_AUDIO": str(clip), "REF_TEXT": "我的声音"})
+    voice = engine.voices[0]
+    assert (voice.id, voice.reference_audio, voice.prompt_text) == ("Zhao Daniu", clip, "我的声音")
+    assert voice.gpt_weights == engine.registry.get("Zhao Daniu").gpt_weights
+    assert "REF_AUDIO" in startup(started(service))
+    assert engine.registry.get("Zhao Daniu").reference_audio != clip  # the registry is unchanged
+    service.close()
+    # a missing clip: the voice keeps its own clip and transcript
+    service, engine = make_service(model_dir, {"REF_AUDIO": str(tmp_path / "nope.wav"), "REF_TEXT": "x"})
+    assert engine.voices[0] == engine.registry.get("Doubao")
+    assert any("REF_AUDIO" in w for w in started(service).logs("WARNING"))
+    service.close()
+    # REF_TEXT alone replaces the transcript; PROMPT_TEXT wins over it
+    service, engine = make_service(model_dir, {"REF_TEXT": "甲", "PROMPT_TEXT": "乙"})
+    assert engine.voices[0].prompt_text == "乙"
+    assert any("PROMPT_TEXT wins" in w for w in started(service).logs("WARNING"))
+    service.close()
+
+
+def test_variables_of_other_nodes_are_named_in_one_warning(model_dir):
+    env = {name: "x" for name in ("T2S_WEIGHTS", "VITS_WEIGHTS", "USE_MLX_VITS", "RUST_LOG", "GPT_SOVITS_MODEL_DIR",
+                                  "CODES_PATH", "SYNTHESIS_TIMEOUT_SECS", "FRAGMENT_MIN_CHARS", "USE_GPU", "DEVICE")}
+    service, _ = make_service(model_dir, env)
+    ignored = [w for w in started(service).logs("WARNING") if "ignored" in w]
+    assert len(ignored) == 1 and all(name in ignored[0] for name in env)
+    service.close()
+
+
+def test_g2pw_state_is_on_the_log_output(model_dir):
+    from dora_primespeech_mlx.text.g2pw import configure_g2pw
+
+    config = NodeConfig.from_env({"PRIMESPEECH_MODEL_DIR": str(model_dir)})
+
+    def factory(cfg):  # as Engine.__init__ does
+        configure_g2pw(cfg.model_dir)
+        return FakeEngine(cfg.model_dir)
+
+    service = TTSService(config, factory)
+    assert service.wait_ready(30)
+    (warning,) = [w for w in started(service).logs("WARNING") if "G2PW" in w]
+    assert "pypinyin" in warning and "G2PWModel" in warning
+    service.close()
+
+
+# -------------------------------------------------------------------------------- payloads
+
+
+@pytest.mark.parametrize("text", ["😀😀", "🎉 ♪ ★", "Привет", "~~~ ###", "ａｂｃ"])
+@pytest.mark.parametrize("streaming", [False, True])
+def test_text_without_phones_gets_a_short_silence_then_empty(model_dir, text, streaming):
+    service, engine = make_service(model_dir, {"RETURN_FRAGMENT": str(streaming)})
+    sent = process(service, text, {"question_id": 9, "session_status": "started"})
+    (data, meta), = sent.of("audio")
+    samples = data[0].values.to_numpy()
+    assert data.type == pa.list_(pa.float32()) and samples.size == 6400 and not samples.any()
+    assert meta["sample_rate"] == 32000 and meta["duration"] == pytest.approx(0.2)
+    assert (meta["question_id"], meta["session_status"]) == (9, "started")
+    if streaming:
+        assert (meta["segment_index"], meta["is_final"]) == (0, True)
+    assert [d[0].as_py() for d, _ in sent.of("segment_complete")] == ["empty"]
+    assert [o for o, _, _ in sent if o in ("audio", "segment_complete")] == ["audio", "segment_complete"]
+    assert engine.calls == []
+    service.close()
+
+
+@pytest.mark.parametrize("text", ["你好😀", "😀 hello", "😀 42", "①"])
+def test_text_with_something_to_speak_is_synthesised(model_dir, text):
+    service, engine = make_service(model_dir)
+    sent = process(service, text)
+    assert [d[0].as_py() for d, _ in sent.of("segment_complete")] == ["completed"] and engine.calls
+    service.close()
+
+
+@pytest.mark.parametrize("payload", ['{"text": "hello"}', "{}", '{"prompt": ""}', '{"prompt": null}'])
+def test_json_object_without_a_prompt_speaks_nothing(model_dir, payload):
+    service, engine = make_service(model_dir)
+    sent = process(service, payload)
+    assert sent.of("audio") == [] and [d[0].as_py() for d, _ in sent.of("segment_complete")] == ["empty"]
+    service.close()
+
+
+def test_a_5000_digit_integer_prompt_does_not_crash(model_dir):
+    service, engine = make_service(model_dir)
+    digits = "9" * 5000
+    assert parse_text_payload('{"prompt": ' + digits + "}").text == digits
+    sent = process(service, '{"prompt": ' + digits + "}")
+    assert [d[0].as_py() for d, _ in sent.of("segment_complete")] == ["completed"]
+    assert engine.calls[-1][0] == digits
+    service.close()
+
+
+def test_voice_trained_uses_its_own_weights_and_reference(model_dir, tmp_path):
+    files = {name: tmp_path / name for name in ("me.ckpt", "me.pth", "ref.wav")}
+    for path in files.values():
+        path.write_bytes(b"x")
+    service, engine = make_service(model_dir)
+    payload = f"VOICE:TRAINED|{files['me.ckpt']}|{files['me.pth']}|{files['ref.wav']}|参考文本|zh|你好，世界"
+    sent = process(service, json.dumps({"prompt": payload}))
+    assert [d[0].as_py() for d, _ in sent.of("segment_complete")] == ["completed"]
+    voice = engine.voices[-1]
+    assert (voice.gpt_weights, voice.sovits_weights, voice.reference_audio) == (
+        files["me.ckpt"], files["me.pth"], files["ref.wav"])
+    assert (voice.prompt_text, voice.prompt_lang, engine.calls[-1][0]) == ("参考文本", "zh", "你好，世界")
+    assert engine.calls[-1][2].speed == 1.1
+    for bad, needle in [
+        (f"VOICE:TRAINED|{files['ref.wav']}|{files['me.pth']}|{files['ref.wav']}|p|zh|你好", ".ckpt"),
+        (f"VOICE:TRAINED|{tmp_path}/no.ckpt|{files['me.pth']}|{files['ref.wav']}|p|zh|你好", "no.ckpt"),
+        (f"VOICE:TRAINED|~/me.ckpt|{files['me.pth']}|{files['ref.wav']}|p|zh|你好", "absolute"),
+    ]:
+        (data, meta), = process(service, bad).of("segment_complete")
+        assert data[0].as_py() == "error" and meta["error_stage"] == "voice" and needle in meta["error"]
+    assert parse_text_payload("VOICE:TRAINED|a|b|c").text == "VOICE:TRAINED|a|b|c"  # wrong part count
+    service.close()
+
+
+@pytest.mark.parametrize("ref", [
+    "/" + "a" * 5000 + ".wav",
+    "/tmp/" + ("d" * 200 + "/") * 30 + "x.wav",
+    "/tmp/\\ud800clip.wav",  # a lone surrogate, through a JSON escape
+    "${HOME}/clip.wav",
+    "/tmp/${HOME}/clip.wav",
+    "~/clip.wav",
+    "$PRIMESPEECH_MODEL_DIR/x.wav",
+    "relative/clip.wav",
+])
+def test_hostile_custom_paths_give_a_clear_error(model_dir, ref):
+    import os
+
+    service, engine = make_service(model_dir)
+    payload = '{"prompt": "VOICE:CUSTOM|' + ref + '|参考文本|zh|你好世界"}'
+    service.handle_text(pa.array([payload]), {"question_id": 3})  # never raises
+    assert service.wait_idle(30)
+    sent = Sent()
+    service.drain(sent)  # refuses strings that are not valid UTF-8
+    (data, meta), = sent.of("segment_complete")
+    assert data[0].as_py() == "error" and meta["error_stage"] == "voice" and meta["question_id"] == 3
+    assert "VOICE:CUSTOM" in meta["error"] and len(meta["error"]) < 400
+    assert os.environ["HOME"] not in meta["error"] and str(model_dir) not in meta["error"]
+    assert engine.calls == []
+    service.close()
+
+
+def test_engine_errors_do_not_echo_the_model_dir(model_dir):
+    def broken(cfg):
+        raise FileNotFoundError(f"{cfg.model_dir}/moyoyo/GPT_weights/doubao-mixed.ckpt not found")
+
+    service = TTSService(NodeConfig.from_env({"PRIMESPEECH_MODEL_DIR": str(model_dir)}), broken)
+    assert service.wait_ready(30)
+    (data, meta), = process(service, "你好").of("segment_complete")
+    assert "$PRIMESPEECH_MODEL_DIR/moyoyo/GPT_weights/doubao-mixed.ckpt" in meta["error"]
+    assert str(model_dir) not in meta["error"]
+    service.close()
+
+
+def test_surrogates_in_metadata_and_text_are_replaced(model_dir):
+    service, engine = make_service(model_dir)
+    sent = process(service, '{"prompt": "VOICE:nob\\udc80dy|hello there"}', {"question_id": "q\udc80", "session_status": "s\ud800"})
+    (data, meta), = sent.of("segment_complete")
+    assert meta["question_id"] == "q\ufffd" and meta["session_status"] == "s\ufffd"
+    assert any("nob\ufffddy" in w for w in sent.logs("WARNING"))
+    service.close()
+
+
+# ------------------------------------------------------------------------------ environment
+
+
+@pytest.mark.parametrize("name, default", [
+    ("TEMPERATURE", 1.0), ("TOP_P", 1.0), ("NOISE_SCALE", 0.5), ("REPETITION_PENALTY", 1.35), ("SPEED_FACTOR", None),
+    ("FRAGMENT_INTERVAL", None),
+])
+@pytest.mark.parametrize("raw", ["inf", "-inf", "nan", "1e999", "Infinity"])
+def test_non_finite_numbers_fall_back_with_a_note(name, default, raw):
+    cfg = NodeConfig.from_env({name: raw})
+    assert getattr(cfg, name.lower()) == default
+    assert any(name in note and "invalid" in note for note in cfg.notes)
+
+
+@pytest.mark.parametrize("raw, seed, noted", [
+    ("-1", None, False), ("0", 0, False), (str(2**32 - 1), 2**32 - 1, False), ("-2", 233333, True),
+    (str(2**32), 233333, True), ("9" * 5000, 233333, True), ("1.5", 233333, True),
+])
+def test_seed_values(raw, seed, noted):
+    cfg = NodeConfig.from_env({"SEED": raw})
+    assert cfg.seed == seed and cfg.options_for(VoiceRegistry("/m").get("Doubao")).seed == seed
+    assert any("SEED" in n for n in cfg.notes) == noted
+
+
+def test_voice_character_config():
+    cfg = NodeConfig.from_env({"VOICE_CHARACTER": " dnz ", "VOICES_CONFIG": "~/v.json", "REF_AUDIO": "/a.wav",
+                               "REF_TEXT": " 文本 "})
+    assert (cfg.voice_name, cfg.voice_source) == ("dnz", "VOICE_CHARACTER")
+    assert cfg.voices_config.name == "v.json" and "~" not in str(cfg.voices_config)
+    assert (str(cfg.ref_audio), cfg.ref_text) == ("/a.wav", "文本")
+    cfg = NodeConfig.from_env({"VOICE_NAME": "Luo Xiang", "VOICE_CHARACTER": "dnz"})
+    assert (cfg.voice_name, cfg.voice_source) == ("Luo Xiang", "VOICE_NAME") and any("VOICE_NAME wins" in n for n in cfg.notes)
+    assert (NodeConfig.from_env({}).voice_name, NodeConfig.from_env({}).voice_source) == ("Doubao", "default")
+
+
+def test_engine_nothing_to_speak_is_silence_then_empty_and_skip_notes_are_logged(model_dir):
+    service, _ = make_service(model_dir)
+    sent = process(service, "ひらがなです。", {"question_id": 4})
+    (audio, meta), = sent.of("audio")
+    assert meta["question_id"] == 4 and 0 < len(audio[0]) and not np.any(audio[0].values.to_numpy())
+    assert [d[0].as_py() for d, _ in sent.of("segment_complete")] == ["empty"]
+    assert service.stats["errors"] == 0
+    sent = process(service, "你好。あいう。再见。")
+    assert [d[0].as_py() for d, _ in sent.of("segment_complete")] == ["completed"]
+    warnings = [json.loads(d[0].as_py()) for d, _ in sent.of("log")]
+    assert any(w["level"] == "WARNING" and "skipped" in w["message"] for w in warnings)
     service.close()

@@ -580,9 +580,9 @@ class TTSService:
                     raise FileNotFoundError(f"voice {shorten(request.voice_id)!r}: the reference clip its voices "
                                             "file names does not exist (the node's stderr names it)")
                 return found.voice
-            why = f" ({found.problem})" if found is not None and found.problem else ""
-            self.log("WARNING", f"unknown voice {shorten(request.voice_id, 80)!r}{why}; using the startup voice "
-                                f"{self._startup.id!r}", metadata)
+            shown = shorten(request.voice_id, 80)
+            what = f"voice {shown!r} {found.problem}" if found is not None and found.problem else f"unknown voice {shown!r}"
+            self.log("WARNING", f"{what}; using the startup voice {self._startup.id!r}", metadata)
         return self._startup
 
     def handle_control(self, value: Any) -> None:

@@ -442,8 +442,9 @@ def resolve_voice(name: str, registry: VoiceRegistry, characters: CharacterTable
     if known:
         key = MOFA_ALIASES.get(name.strip().lower(), name.strip().lower())
         return Resolved(None, "the built-in table of mofa-studio ids",
-                        problem=f"mofa-studio's {key!r} ({_MOFA_NAMES.get(key, key)}) has no built-in voice here; "
-                                "describe it (ref_audio, ref_text) in dora-gpt-sovits-mlx's voices.json or VOICES_CONFIG")
+                        problem=f"is mofa-studio's {key!r} ({_MOFA_NAMES.get(key, key)}), which has no built-in voice "
+                                "here; describe it (ref_audio, ref_text) in dora-gpt-sovits-mlx's voices.json or the "
+                                "file VOICES_CONFIG names")
     return None
 
 
@@ -451,4 +452,11 @@ def known_names(registry: VoiceRegistry, characters: CharacterTable | None = Non
     """Every name `resolve_voice` accepts (aliases aside), for messages."""
     names = registry.ids() + (characters.ids() if characters is not None else [])
     names += [k for k, v in MOFA_CHARACTERS.items() if v is not None]
-    return list(dict.fromkeys(names))
+    seen: set[str] = set()
+    out = []
+    for n in names:  # one spelling per name ("Doubao", not also "doubao")
+        key = n.lower().replace(" ", "")
+        if key not in seen:
+            seen.add(key)
+            out.append(n)
+    return out

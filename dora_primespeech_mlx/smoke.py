@@ -38,7 +38,7 @@ import numpy as np
 
 from .checkpoint import HParams
 from .checkpoint_writer import write_hf_folder, write_torch_file, write_wordpiece_tokenizer
-from .voices import BUILTIN_FILE, CUSTOM_BASE_VOICE, _read_registry_file
+from .voices import BUILTIN_FILE, CUSTOM_BASE_VOICE, _entries, _voice_from_entry, read_json_file
 
 logger = logging.getLogger(__name__)
 
@@ -507,7 +507,10 @@ def build_smoke_model_dir(out: str | os.PathLike, seed: int = 0, *, link_all_voi
     t0 = time.perf_counter()
     moyoyo = out / "moyoyo"
     # the built-in registry only: a user's voices file must not rename the smoke files
-    builtin = {v.id: v for v in _read_registry_file(BUILTIN_FILE, moyoyo)}
+    data, problem = read_json_file(BUILTIN_FILE)
+    if problem:
+        raise RuntimeError(f"{BUILTIN_FILE} {problem}: the package is damaged; reinstall dora-primespeech-mlx")
+    builtin = {v.id: v for v in (_voice_from_entry(e, moyoyo, str(BUILTIN_FILE)) for e in _entries(data))}
     voice = builtin[CUSTOM_BASE_VOICE]  # Doubao: the voice the smoke files are named after
     seeds = np.random.SeedSequence(seed).spawn(5)  # one independent stream per file
     timings: dict[str, float] = {}

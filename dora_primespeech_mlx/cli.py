@@ -23,8 +23,6 @@ import numpy as np
 
 from .checkpoint import CheckpointError, load_hf_weights, read_torch_file, to_plain
 
-REPO_VOICES = Path(__file__).resolve().parents[1] / "voices" / "builtin.json"
-
 
 def _summarise_state(state: dict) -> dict:
     dtypes = Counter(str(v.dtype) for v in state.values() if isinstance(v, np.ndarray))
@@ -54,7 +52,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_voices(args: argparse.Namespace) -> int:
-    registry = json.loads(REPO_VOICES.read_text())
+    from .voices import BUILTIN_FILE  # the packaged copy: an installed wheel has no repository beside it
+
+    registry = json.loads(BUILTIN_FILE.read_text(encoding="utf-8"))
     model_dir = Path(os.path.expandvars(os.path.expanduser(args.model_dir))) if args.model_dir else None
     for voice in registry["voices"]:
         status = ""

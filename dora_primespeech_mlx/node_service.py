@@ -275,9 +275,9 @@ def parse_text_payload(raw: str) -> TextRequest:
     if name == "TRAINED":
         parts = rest.split("|", 5)
         if len(parts) != 6:
-            return TextRequest(text, notes=("VOICE:TRAINED needs VOICE:TRAINED|<gpt.ckpt>|<sovits.pth>|<ref.wav>|"
-                                            f"<prompt text>|<lang>|<text>; got {len(parts) + 1} parts, speaking "
-                                            "the text as given",))
+            note = ("VOICE:TRAINED needs VOICE:TRAINED|<gpt.ckpt>|<sovits.pth>|<ref.wav>|<prompt text>|<lang>|<text>; "
+                    f"got {len(parts) + 1} parts, speaking the text as given")
+            return TextRequest(text, notes=(note,))
         gpt, sovits, ref, prompt, lang, body = (p.strip() for p in parts)
         return TextRequest(body, trained=(gpt, sovits, ref, prompt, lang.lower()))
     return TextRequest(rest, voice_id=name)
@@ -355,6 +355,7 @@ class TTSService:
         self.outbox: queue.Queue[tuple[str, pa.Array, dict]] = queue.Queue()
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified when the last pending request ends
         self._pending: list[_Job] = []
         self._prepared: dict[str, Any] = {}
         self.stats = {"syntheses": 0, "audio_seconds": 0.0, "errors": 0, "cancelled": 0}
@@ -638,6 +639,8 @@ class TTSService:
                 with self._lock:
                     self._pending.remove(job)
                     idle = not self._pending
+                    if idle:
+                        self._idle.notify_all()
                 if idle:
                     self.status("idle")
 
@@ -735,13 +738,8 @@ class TTSService:
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
         """Block until no request is pending (tests and shutdown)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                if not self._pending:
-                    return True
-            time.sleep(0.01)
-        return False
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._pending, timeout)
 
     def close(self, cancel: bool = False) -> None:
         if cancel:

@@ -336,7 +336,7 @@ def _character(cid: str, entry: object, base: Path, taken: dict[str, Character])
     if cid in taken:
         raise ValueError("the same id (case-insensitively) appears twice")
     if not isinstance(entry, dict):
-        raise ValueError("not an object")
+        raise ValueError("not an object")  # noqa: TRY004 - bad file content, reported like the others
     ref, text = entry.get("ref_audio"), entry.get("ref_text")
     if not isinstance(ref, str) or not ref.strip():
         raise ValueError("ref_audio must be a non-empty string")

@@ -593,7 +593,7 @@ def test_no_voices_json_stops_the_engine(model_dir, content):
     """Before: VoiceRegistry refused a map-shaped voices.json and the engine failed to start."""
     model_dir.mkdir(parents=True)
     (model_dir / "voices.json").write_text(content)
-    service, engine = make_service(model_dir)
+    service, _ = make_service(model_dir)
     sent = started(service)
     assert service.init_error is None and [d[0].as_py() for d, _ in sent.of("status")] == ["ready"]
     warnings = sent.logs("WARNING")
@@ -743,7 +743,7 @@ def test_text_with_something_to_speak_is_synthesised(model_dir, text):
 
 @pytest.mark.parametrize("payload", ['{"text": "hello"}', "{}", '{"prompt": ""}', '{"prompt": null}'])
 def test_json_object_without_a_prompt_speaks_nothing(model_dir, payload):
-    service, engine = make_service(model_dir)
+    service, _ = make_service(model_dir)
     sent = process(service, payload)
     assert sent.of("audio") == [] and [d[0].as_py() for d, _ in sent.of("segment_complete")] == ["empty"]
     service.close()
@@ -816,16 +816,16 @@ def test_engine_errors_do_not_echo_the_model_dir(model_dir):
 
     service = TTSService(NodeConfig.from_env({"PRIMESPEECH_MODEL_DIR": str(model_dir)}), broken)
     assert service.wait_ready(30)
-    (data, meta), = process(service, "你好").of("segment_complete")
+    (_, meta), = process(service, "你好").of("segment_complete")
     assert "$PRIMESPEECH_MODEL_DIR/moyoyo/GPT_weights/doubao-mixed.ckpt" in meta["error"]
     assert str(model_dir) not in meta["error"]
     service.close()
 
 
 def test_surrogates_in_metadata_and_text_are_replaced(model_dir):
-    service, engine = make_service(model_dir)
+    service, _ = make_service(model_dir)
     sent = process(service, '{"prompt": "VOICE:nob\\udc80dy|hello there"}', {"question_id": "q\udc80", "session_status": "s\ud800"})
-    (data, meta), = sent.of("segment_complete")
+    (_, meta), = sent.of("segment_complete")
     assert meta["question_id"] == "q\ufffd" and meta["session_status"] == "s\ufffd"
     assert any("nob\ufffddy" in w for w in sent.logs("WARNING"))
     service.close()

@@ -381,9 +381,11 @@ class TTSService:
 
     def log(self, level: str, message: str, metadata: dict | None = None) -> None:
         message = valid_unicode(message)
-        getattr(logger, level.lower(), logger.info)(message)
+        getattr(logger, level.lower(), logger.info)(message)  # stderr: full paths, for the operator
         if LOG_LEVELS[level] < LOG_LEVELS[self.config.log_level]:
             return
+        if metadata is not None:  # about a request: no local paths on the output (see _redact)
+            message = self._redact(message)
         body = json.dumps({"node": NODE_NAME, "level": level, "message": message}, ensure_ascii=False)
         meta = {"node": NODE_NAME, "level": level, "message": message}
         if metadata:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -819,6 +820,19 @@ def test_engine_errors_do_not_echo_the_model_dir(model_dir):
     (_, meta), = process(service, "你好").of("segment_complete")
     assert "$PRIMESPEECH_MODEL_DIR/moyoyo/GPT_weights/doubao-mixed.ckpt" in meta["error"]
     assert str(model_dir) not in meta["error"]
+    service.close()
+    # a synthesis error's log line about a request is redacted too (stderr keeps the full paths)
+    service, engine = make_service(model_dir)
+
+    def fail(*a, **k):
+        engine._check_thread("synthesize_stream")
+        raise RuntimeError(f"cannot read {model_dir}/moyoyo/x.pth (home {os.environ['HOME']})")
+
+    engine.synthesize_stream = fail
+    sent = process(service, "这是坏的句子")
+    (message,) = sent.logs("ERROR")
+    assert str(model_dir) not in message and os.environ["HOME"] not in message
+    assert "$PRIMESPEECH_MODEL_DIR/moyoyo/x.pth" in message and "(home ~)" in message
     service.close()
 
 

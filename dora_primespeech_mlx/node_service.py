@@ -404,8 +404,8 @@ class TTSService:
         """`message` with the model directory and the home directory written as `$PRIMESPEECH_MODEL_DIR`
         and `~`: an engine error may name files the request never mentioned."""
         for path, name in ((str(self.config.model_dir), "$PRIMESPEECH_MODEL_DIR"), (os.path.expanduser("~"), "~")):
-            if len(path) > 1:
-                message = message.replace(path, name)
+            if len(path) > 1:  # whole path components only: /data/m is not redacted inside /data/mine.wav
+                message = re.sub(re.escape(path.rstrip("/")) + r"(?![\w.-])", lambda _: name, message)
         return message
 
     def drain(self, send: Send) -> int:

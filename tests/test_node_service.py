@@ -833,6 +833,7 @@ def test_engine_errors_do_not_echo_the_model_dir(model_dir):
     (message,) = sent.logs("ERROR")
     assert str(model_dir) not in message and os.environ["HOME"] not in message
     assert "$PRIMESPEECH_MODEL_DIR/moyoyo/x.pth" in message and "(home ~)" in message
+    assert service._redact(f"{model_dir}x/a.wav {model_dir}") == f"{model_dir}x/a.wav $PRIMESPEECH_MODEL_DIR"
     service.close()
 
 

@@ -24,6 +24,7 @@ Every refusal is a `CheckpointError` that names the file and says what is wrong.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import logging
 import math
@@ -41,17 +42,22 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "MAX_DEPTH",
     "CheckpointError",
     "HParams",
-    "MAX_DEPTH",
     "TorchCheckpoint",
-    "read_torch_file",
-    "read_safetensors",
+    "check_float",
+    "check_int",
+    "check_int_list",
+    "check_state_dict",
+    "check_weight_norm_pairs",
+    "fuse_weight_norm",
     "load_hf_weights",
     "normalize_weight_norm_names",
-    "fuse_weight_norm",
-    "check_state_dict",
     "plain_config",
+    "read_json_config",
+    "read_safetensors",
+    "read_torch_file",
     "to_plain",
 ]
 
@@ -126,7 +132,7 @@ class _Budget:
     Nothing is credited back: a legitimate file needs about 2x (storages read + tensors copied).
     """
 
-    __slots__ = ("path", "limit", "used")
+    __slots__ = ("limit", "path", "used")
 
     def __init__(self, path: Path, file_size: int):
         self.path = path
@@ -152,6 +158,9 @@ _COST_ZIP_ENTRY = 320  # one parsed central-directory entry (tuple + name + dict
 
 
 # --------------------------------------------------------------------------------------- zip
+
+
+_BYTES = np.dtype("u1")
 
 
 @dataclass(frozen=True)
@@ -274,7 +283,7 @@ class _Archive:
             self.members[name] = _Member(name, data_offset, usize, crc)
             spans.append((local, data_offset + usize, name))
         spans.sort()
-        for (_a0, a1, a_name), (b0, _b1, b_name) in zip(spans, spans[1:]):
+        for (_a0, a1, a_name), (b0, _b1, b_name) in itertools.pairwise(spans):
             if b0 < a1:
                 raise self._damaged(f"members '{a_name}' and '{b_name}' overlap")
 
@@ -312,7 +321,7 @@ class _Archive:
             raise self._damaged(f"member '{name}': local header names another file")
         return offset + 30 + n_name + n_extra
 
-    def read(self, name: str, *, limit: int | None = None, dtype: np.dtype = np.dtype("u1"),
+    def read(self, name: str, *, limit: int | None = None, dtype: np.dtype = _BYTES,
              what: str = "member") -> np.ndarray:
         """The member's bytes, read straight into a fresh array (charged to the budget) and CRC-checked."""
         member = self.members[name]
@@ -813,7 +822,7 @@ class TorchCheckpoint:
 
 def _open_checkpoint(path: Path) -> tuple[BinaryIO, int, str | None]:
     try:
-        fh = open(path, "rb")
+        fh = open(path, "rb")  # noqa: SIM115 - returned to the caller, closed there
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: checkpoint file not found; check the model directory") from None
     except IsADirectoryError:
@@ -928,7 +937,7 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     """
     path = Path(path)
     try:
-        fh = open(path, "rb")
+        fh = open(path, "rb")  # noqa: SIM115 - closed by the with-block below
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: safetensors file not found") from None
     except OSError as exc:
@@ -976,7 +985,7 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
                 raise bad(f"tensor {key[:80]!r}: shape {shape} x {itemsize} bytes != byte range {offsets}")
             plan.append((offsets[0], offsets[1], key, dtype, tuple(shape)))
         by_offset = sorted(plan)
-        for (_a0, a1, a_key, _d, _s), (b0, _b1, b_key, _d2, _s2) in zip(by_offset, by_offset[1:]):
+        for (_a0, a1, a_key, _d, _s), (b0, _b1, b_key, _d2, _s2) in itertools.pairwise(by_offset):
             if b0 < a1:
                 raise bad(f"tensors {a_key[:80]!r} and {b_key[:80]!r} overlap")
         out: dict[str, np.ndarray] = {}
@@ -1043,7 +1052,33 @@ def load_hf_weights(folder: str | Path) -> dict[str, np.ndarray]:
             f"{folder}: no model.safetensors or pytorch_model.bin{hint}; "
             "copy the model folder from the PrimeSpeech download into place"
         )
-    return normalize_weight_norm_names(check_state_dict(source, weights, what="the state dict"))
+    weights = normalize_weight_norm_names(check_state_dict(source, weights, what="the state dict"))
+    check_weight_norm_pairs(source, weights)
+    return weights
+
+
+def check_weight_norm_pairs(source: str | Path, weights: Mapping[str, Any], *, dim: int | None = None) -> None:
+    """Every `<name>.weight_v` has its `<name>.weight_g` and the other way round, and g has v's rank
+    with every axis 1 except at most one equal to v's (axis `dim` if given): so `fuse_weight_norm`
+    broadcasts g over v without growing anything."""
+    for key in weights:
+        if not key.endswith((".weight_g", ".weight_v")):
+            continue
+        base = key[:-len("_g")]
+        g, v = weights.get(base + "_g"), weights.get(base + "_v")
+        if g is None or v is None:
+            raise CheckpointError(f"{source}: {base} has only one of weight_g/weight_v; the file is damaged")
+        if key.endswith("_g"):
+            continue
+        g_shape, v_shape = tuple(g.shape), tuple(v.shape)
+        ok = (len(g_shape) == len(v_shape) >= 1
+              and all(gs in (1, vs) for gs, vs in zip(g_shape, v_shape))
+              and sum(gs != 1 for gs in g_shape) <= 1
+              and (dim is None or all(gs == 1 for i, gs in enumerate(g_shape) if i != dim % len(v_shape))))
+        if not ok:
+            raise CheckpointError(f"{source}: {base}.weight_g has shape {g_shape}, which does not fit weight_v "
+                                  f"{v_shape} (one norm per {'slice' if dim is None else f'index of axis {dim}'}); "
+                                  "the file is damaged")
 
 
 _PARAMETRIZED = {
@@ -1113,6 +1148,55 @@ def to_plain(obj: Any, *, source: str | Path = "config", max_depth: int = MAX_DE
         return hit
 
     return walk(obj, 0)[0]
+
+
+def check_int(where: str, name: str, value: Any, lo: int, hi: int) -> int:
+    """`value` if it is an int (not a bool) in [lo, hi], else ValueError naming `where.name`."""
+    if type(value) is not int or not lo <= value <= hi:
+        raise ValueError(f"{where}: {name}={str(value)[:60]!r} must be an integer in [{lo}, {hi}]")
+    return value
+
+
+def check_float(where: str, name: str, value: Any, lo: float, hi: float, *, open_low: bool = False) -> float:
+    """`value` if it is a finite number (int or float, not a bool) in [lo, hi] (or (lo, hi])."""
+    ok = type(value) in (int, float) and math.isfinite(value) and (lo < value if open_low else lo <= value) \
+        and value <= hi
+    if not ok:
+        raise ValueError(f"{where}: {name}={str(value)[:60]!r} must be a number in {'(' if open_low else '['}{lo}, {hi}]")
+    return value
+
+
+def check_int_list(where: str, name: str, value: Any, lo: int, hi: int, *, min_len: int = 1,
+                   max_len: int = 64) -> list[int]:
+    """`value` if it is a list/tuple of min_len..max_len ints in [lo, hi]."""
+    if not (isinstance(value, (list, tuple)) and min_len <= len(value) <= max_len
+            and all(type(v) is int and lo <= v <= hi for v in value)):
+        raise ValueError(f"{where}: {name}={str(value)[:80]} must be a list of {min_len}-{max_len} integers "
+                         f"in [{lo}, {hi}]")
+    return list(value)
+
+
+_MAX_JSON_CONFIG = 1024 * 1024  # an HF config.json is ~1-2 KB
+
+
+def read_json_config(path: str | Path) -> dict[str, Any]:
+    """An HF `config.json` as a dict: size-capped, valid JSON, an object, nesting at most MAX_DEPTH."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(_MAX_JSON_CONFIG + 1)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing; the HF model folder needs its config.json") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if len(raw) > _MAX_JSON_CONFIG:
+        raise CheckpointError(f"{path}: larger than {_MAX_JSON_CONFIG:,} bytes; not an HF config.json")
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({type(exc).__name__}); restore the original config.json") \
+            from None
+    return plain_config(value, path)
 
 
 def plain_config(config: Any, source: str | Path) -> dict[str, Any]:

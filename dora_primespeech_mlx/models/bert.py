@@ -9,7 +9,6 @@ Tokenisation uses the `tokenizers` library (tokenizer.json, or vocab.txt), never
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -19,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, check_float, check_int, read_json_config
 from ..convert import load_hf_weights_cached
 
 logger = logging.getLogger(__name__)
@@ -45,10 +44,22 @@ class BertConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "BertConfig":
         """Build from a config.json dict, ignoring keys inference does not use."""
+        if not isinstance(d, dict):
+            raise ValueError(f"BERT config.json: expected a JSON object, found {type(d).__name__}")
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def __post_init__(self) -> None:
+        # sane ranges (chinese-roberta-wwm-ext-large: 21128 x 1024, 24 layers): nothing is sized by a hostile config
+        w = "BERT config.json"
+        check_int(w, "vocab_size", self.vocab_size, 1, 262144)
+        check_int(w, "hidden_size", self.hidden_size, 1, 8192)
+        check_int(w, "num_hidden_layers", self.num_hidden_layers, 1, 128)
+        check_int(w, "num_attention_heads", self.num_attention_heads, 1, 256)
+        check_int(w, "intermediate_size", self.intermediate_size, 1, 65536)
+        check_int(w, "max_position_embeddings", self.max_position_embeddings, 1, 65536)
+        check_int(w, "type_vocab_size", self.type_vocab_size, 1, 1024)
+        check_float(w, "layer_norm_eps", self.layer_norm_eps, 0.0, 1.0, open_low=True)
         if self.hidden_act != "gelu":
             raise ValueError(f"BERT config.json: hidden_act={self.hidden_act!r} is not supported (expected 'gelu', erf form)")
         if self.position_embedding_type != "absolute":
@@ -288,13 +299,11 @@ def load_bert(folder: str | Path, *, dtype: mx.Dtype = mx.float32) -> BertEncode
     """
     folder = Path(folder)
     path = folder / "config.json"
+    config = read_json_config(path)  # FileNotFoundError / CheckpointError naming the file
     try:
-        with open(path, encoding="utf-8") as f:
-            cfg = BertConfig.from_dict(json.load(f))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing; the HF model folder needs its config.json") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc}); restore the original config.json") from None
+        cfg = BertConfig.from_dict(config)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: {exc}; restore the original config.json") from None
     model = BertEncoderModel(cfg, load_tokenizer(folder))
     weights = model.sanitize(load_hf_weights_cached(folder))
     try:

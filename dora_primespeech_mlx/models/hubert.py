@@ -9,7 +9,6 @@ fuses the positional convolution's weight norm, transposes convolutions and drop
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,7 +17,15 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..checkpoint import CheckpointError, fuse_weight_norm, normalize_weight_norm_names
+from ..checkpoint import (
+    CheckpointError,
+    check_float,
+    check_int,
+    check_int_list,
+    fuse_weight_norm,
+    normalize_weight_norm_names,
+    read_json_config,
+)
 from ..convert import load_hf_weights_cached
 
 logger = logging.getLogger(__name__)
@@ -50,10 +57,29 @@ class HubertConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "HubertConfig":
         """Build from a config.json dict, ignoring keys inference does not use."""
+        if not isinstance(d, dict):
+            raise ValueError(f"HuBERT config.json: expected a JSON object, found {type(d).__name__}")
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def __post_init__(self) -> None:
+        # sane ranges (chinese-hubert-base: 7 x 512 convs, 768 x 12 layers): nothing is sized by a hostile config
+        w = "HuBERT config.json"
+        check_int_list(w, "conv_dim", self.conv_dim, 1, 4096, max_len=16)
+        check_int_list(w, "conv_kernel", self.conv_kernel, 1, 1024, max_len=16)
+        check_int_list(w, "conv_stride", self.conv_stride, 1, 1024, max_len=16)
+        check_int(w, "hidden_size", self.hidden_size, 1, 8192)
+        check_int(w, "num_hidden_layers", self.num_hidden_layers, 1, 128)
+        check_int(w, "num_attention_heads", self.num_attention_heads, 1, 256)
+        check_int(w, "intermediate_size", self.intermediate_size, 1, 65536)
+        check_int(w, "num_conv_pos_embeddings", self.num_conv_pos_embeddings, 1, 1024)
+        check_int(w, "num_conv_pos_embedding_groups", self.num_conv_pos_embedding_groups, 1, self.hidden_size)
+        check_float(w, "layer_norm_eps", self.layer_norm_eps, 0.0, 1.0, open_low=True)
+        for name in ("conv_bias", "feat_proj_layer_norm", "do_stable_layer_norm"):
+            if type(getattr(self, name)) is not bool:
+                raise ValueError(f"{w}: {name} must be true or false")
+        if self.hidden_size % self.num_conv_pos_embedding_groups:
+            raise ValueError(f"{w}: hidden_size must be a multiple of num_conv_pos_embedding_groups")
         if not (len(self.conv_dim) == len(self.conv_kernel) == len(self.conv_stride)):
             raise ValueError("HuBERT config.json: conv_dim, conv_kernel and conv_stride must have the same length")
         if self.feat_extract_norm != "group" or self.do_stable_layer_norm:
@@ -273,13 +299,11 @@ class HubertModel(nn.Module):
 
 def _read_config(folder: Path, cls):
     path = folder / "config.json"
+    config = read_json_config(path)  # FileNotFoundError / CheckpointError naming the file
     try:
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing; the HF model folder needs its config.json") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc}); restore the original config.json") from None
+        return cls.from_dict(config)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: {exc}; restore the original config.json") from None
 
 
 def _to_mlx(weights: dict[str, np.ndarray]) -> list[tuple[str, mx.array]]:

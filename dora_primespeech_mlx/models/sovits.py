@@ -29,7 +29,18 @@ import numpy as np
 from mlx import nn
 from mlx.utils import tree_flatten
 
-from ..checkpoint import CheckpointError, fuse_weight_norm, normalize_weight_norm_names, read_torch_file, to_plain
+from ..checkpoint import (
+    CheckpointError,
+    check_int,
+    check_int_list,
+    check_state_dict,
+    check_weight_norm_pairs,
+    fuse_weight_norm,
+    normalize_weight_norm_names,
+    plain_config,
+    read_torch_file,
+    to_plain,
+)
 from .hifigan import Conv1d, Generator, frame_mask
 
 logger = logging.getLogger(__name__)
@@ -77,13 +88,83 @@ class SoVITSConfig:
     mrte_heads: int = 4
 
     def __post_init__(self) -> None:
+        self._check_ranges()
         self.spec_channels = self.filter_length // 2 + 1
         self.upsample_factor = int(np.prod(self.upsample_rates))
+
+    def _check_ranges(self) -> None:
+        """Sane ranges (the real v2 values are the defaults): a hostile config must not size anything."""
+        w = "SoVITS config"
+        for name, hi in (("inter_channels", 4096), ("hidden_channels", 4096), ("filter_channels", 16384),
+                         ("gin_channels", 4096), ("ssl_dim", 4096), ("mrte_channels", 4096),
+                         ("n_symbols", 65536), ("codebook_size", 65536)):
+            check_int(w, name, getattr(self, name), 1, hi)
+        check_int(w, "n_heads", self.n_heads, 1, 64)
+        check_int(w, "mrte_heads", self.mrte_heads, 1, 64)
+        check_int(w, "n_layers", self.n_layers, 1, 64)
+        check_int(w, "kernel_size", self.kernel_size, 1, 31)
+        check_int(w, "window_size", self.window_size, 1, 64)
+        if self.hidden_channels % self.n_heads or self.mrte_channels % self.mrte_heads:
+            raise ValueError(f"{w}: hidden_channels/mrte_channels must be multiples of n_heads/mrte_heads")
+        if self.resblock not in ("1", "2"):
+            raise ValueError(f"{w}: resblock={str(self.resblock)[:20]!r} must be '1' or '2'")
+        kernels = check_int_list(w, "resblock_kernel_sizes", self.resblock_kernel_sizes, 1, 63, max_len=8)
+        dilations = self.resblock_dilation_sizes
+        if not (isinstance(dilations, (list, tuple)) and len(dilations) == len(kernels)):
+            raise ValueError(f"{w}: resblock_dilation_sizes needs one list per resblock kernel size")
+        for d in dilations:
+            check_int_list(w, "resblock_dilation_sizes[i]", d, 1, 64, max_len=8)
+        rates = check_int_list(w, "upsample_rates", self.upsample_rates, 1, 64, max_len=8)
+        check_int_list(w, "upsample_kernel_sizes", self.upsample_kernel_sizes, 1, 128, min_len=len(rates),
+                       max_len=len(rates))
+        check_int(w, "upsample_initial_channel", self.upsample_initial_channel, 2 ** len(rates), 8192)
+        if self.semantic_frame_rate not in ("25hz", "50hz"):
+            raise ValueError(f"{w}: semantic_frame_rate={str(self.semantic_frame_rate)[:20]!r} must be '25hz' or '50hz'")
+        if not isinstance(self.version, str):
+            raise ValueError(f"{w}: version must be a string")
+        check_int(w, "sampling_rate", self.sampling_rate, 1000, 192000)
+        check_int(w, "filter_length", self.filter_length, 16, 16384)
+        check_int(w, "hop_length", self.hop_length, 1, self.filter_length)
+        check_int(w, "win_length", self.win_length, 1, self.filter_length)
+        check_int(w, "style_bins", self.style_bins, 1, self.filter_length // 2 + 1)
+
+    def check_weights(self, weights: dict[str, Any], source: str | Path) -> None:
+        """Raise `CheckpointError` unless the tensors (raw `.pth` or sanitized cache names) have the sizes
+        this config implies, and weight-norm pairs fit; runs before the model is built."""
+        weights = check_state_dict(source, weights)
+        check_weight_norm_pairs(source, {k: v for k, v in weights.items() if not k.startswith("enc_q.")}, dim=0)
+        h, n_up, uic = self.hidden_channels, len(self.upsample_rates), self.upsample_initial_channel
+        want: dict[tuple[str, ...], tuple[int, ...]] = {
+            ("enc_p.text_embedding.weight",): (self.n_symbols, h),
+            ("enc_p.ssl_proj.bias",): (h,),
+            ("enc_p.proj.bias",): (2 * self.inter_channels,),
+            (f"enc_p.encoder_text.attn_layers.{self.n_layers - 1}.conv_q.bias",): (h,),
+            ("enc_p.encoder_text.ffn_layers.0.conv_1.bias",): (self.filter_channels,),
+            ("enc_p.mrte.c_pre.bias",): (self.mrte_channels,),
+            ("dec.conv_pre.bias",): (uic,),
+            (f"dec.ups.{n_up - 1}.bias",): (uic // 2 ** n_up,),
+            ("ssl_proj.bias",): (self.ssl_dim,),
+            ("ref_enc.spectral.0.fc.weight",): (128, self.style_bins),
+            ("ref_enc.fc.fc.bias",): (self.gin_channels,),
+            ("quantizer.vq.layers.0._codebook.embed", "quantizer.embed"): (self.codebook_size, self.ssl_dim),
+        }
+        for keys, shape in want.items():
+            got = next((weights[k] for k in keys if k in weights), None)
+            if got is None or tuple(got.shape) != shape:
+                found = "missing" if got is None else f"of shape {tuple(got.shape)}"
+                raise CheckpointError(f"{source}: the SoVITS config implies {keys[0]} of shape {shape}, the file's "
+                                      f"is {found}; the config does not match the weights (or the file is damaged)")
+        for prefix in (f"enc_p.encoder_text.attn_layers.{self.n_layers}.", f"dec.ups.{n_up}."):
+            if any(k.startswith(prefix) for k in weights):
+                raise CheckpointError(f"{source}: the file holds {prefix}* beyond what the config describes; "
+                                      "the config does not match the weights")
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> SoVITSConfig:
         """Build from the checkpoint's `config` (sections `data`/`model`) or a flat dict; unknown keys are ignored."""
         config = to_plain(config)
+        if not isinstance(config, dict):
+            raise ValueError(f"SoVITS config: expected a mapping, found {type(config).__name__}")
         flat: dict[str, Any] = {}
         for section in ("data", "model"):
             if isinstance(config.get(section), dict):
@@ -737,7 +818,8 @@ def check_version(path: str | Path, version_tag: str | None, config: dict, weigh
         found = version_tag
     else:
         emb = weights.get("enc_p.text_embedding.weight")
-        model_version = (config.get("model") or {}).get("version") if isinstance(config, dict) else None
+        section = config.get("model") if isinstance(config, dict) else None
+        model_version = section.get("version") if isinstance(section, dict) else None
         if emb is not None and emb.shape[0] == V1_SYMBOLS:
             found = "v1 (322-symbol text embedding)"
         elif any(k.startswith(("sv_emb.", "ge_to512.", "prelu.")) for k in weights):
@@ -808,12 +890,14 @@ def load_sovits(path: str | Path, *, compile_vocoder: bool = False, bucket_frame
             raise CheckpointError(
                 f"{path}: expected a SoVITS checkpoint with 'weight' and 'config'; is this a GPT .ckpt?"
             )
-        config, weights, version_tag = to_plain(obj["config"]), dict(obj["weight"]), ckpt.version_tag
+        config, weights = plain_config(obj["config"], path), check_state_dict(path, obj["weight"])
+        version_tag = ckpt.version_tag
     check_version(path, version_tag, config, weights)
     try:
         cfg = SoVITSConfig.from_dict(config)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: bad SoVITS config ({exc})") from None
+    cfg.check_weights(weights, path)
     model = SoVITS(cfg, compile_vocoder=compile_vocoder)
     # a cache holds already-sanitized weights; sanitize() is idempotent, so both forms go through it
     model.load_weights_from(weights, source=str(path))

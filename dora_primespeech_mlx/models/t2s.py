@@ -47,7 +47,15 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..checkpoint import CheckpointError, read_torch_file, to_plain
+from ..checkpoint import (
+    CheckpointError,
+    check_float,
+    check_int,
+    check_state_dict,
+    plain_config,
+    read_torch_file,
+    to_plain,
+)
 from .cache import make_cache
 from .sample_utils import apply_repetition_penalty, make_sampler, mask_token, seen_mask
 
@@ -98,6 +106,18 @@ class T2SConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
+        # sane ranges first (a hostile config must not size anything): the real GPT is 1025/732/512/16/24/1024
+        where = "t2s config"
+        check_int(where, "vocab_size", self.vocab_size, 2, 65536)
+        check_int(where, "phoneme_vocab_size", self.phoneme_vocab_size, 1, 65536)
+        check_int(where, "embedding_dim", self.embedding_dim, 1, 8192)
+        check_int(where, "hidden_dim", self.hidden_dim, 1, 8192)
+        check_int(where, "head", self.head, 1, 1024)
+        check_int(where, "n_layer", self.n_layer, 1, 256)
+        check_int(where, "EOS", self.EOS, 0, 65535)
+        check_float(where, "dropout", self.dropout, 0.0, 1.0)
+        check_int(where, "bert_dim", self.bert_dim, 1, 8192)
+        check_float(where, "layer_norm_eps", self.layer_norm_eps, 0.0, 1.0, open_low=True)
         if self.EOS != self.vocab_size - 1:
             raise ValueError(f"t2s config: EOS ({self.EOS}) must be vocab_size - 1 ({self.vocab_size - 1})")
         if self.hidden_dim % self.head:
@@ -111,6 +131,31 @@ class T2SConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_dim // self.head
+
+    def check_weights(self, weights: dict[str, Any], source: str | Path) -> None:
+        """Raise `CheckpointError` unless the (sanitized) tensors have the sizes this config implies.
+
+        Runs before the model is built, so a config whose sizes the file does not back cannot make
+        the loader allocate for them.
+        """
+        weights = check_state_dict(source, weights)
+        d = self.hidden_dim
+        want = {
+            "ar_text_embedding.word_embeddings.weight": (self.phoneme_vocab_size, self.embedding_dim),
+            "ar_audio_embedding.word_embeddings.weight": (self.vocab_size, self.embedding_dim),
+            "bert_proj.weight": (self.embedding_dim, self.bert_dim),
+            "ar_predict_layer.weight": (self.vocab_size, d),
+            f"h.layers.{self.n_layer - 1}.linear1.weight": (self.ffn_dim, d),
+        }
+        for key, shape in want.items():
+            got = weights.get(key)
+            if got is None or tuple(got.shape) != shape:
+                found = "missing" if got is None else f"of shape {tuple(got.shape)}"
+                raise CheckpointError(f"{source}: the t2s config implies {key} of shape {shape}, the file's is "
+                                      f"{found}; the config does not match the weights (or the file is damaged)")
+        if any(k.startswith(f"h.layers.{self.n_layer}.") for k in weights):
+            raise CheckpointError(f"{source}: the file holds more transformer layers than the config's "
+                                  f"n_layer={self.n_layer}; the config does not match the weights")
 
     @property
     def ffn_dim(self) -> int:
@@ -695,7 +740,7 @@ def _read_source(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise CheckpointError(
             f"{path}: a GPT .ckpt holds 'weight' and 'config' (GPT_weights/*.ckpt from GPT-SoVITS), found {keys}"
         )
-    return dict(obj["weight"]), to_plain(obj["config"])
+    return check_state_dict(path, obj["weight"]), plain_config(obj["config"], path)
 
 
 def load_t2s(path: str | Path, *, dtype: mx.Dtype = mx.float32, compile: bool | None = None,
@@ -718,6 +763,7 @@ def load_t2s(path: str | Path, *, dtype: mx.Dtype = mx.float32, compile: bool | 
         cfg = T2SConfig.from_dict(config)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: bad t2s config ({exc})") from None
+    cfg.check_weights(sanitize(weights), path)
     model = T2S(cfg)
     params = [(k, mx.array(v).astype(dtype)) for k, v in sanitize(weights).items()]
     try:

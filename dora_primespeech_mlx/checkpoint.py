@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import pickletools
+import reprlib
 import struct
 import zlib
 from collections.abc import Mapping
@@ -56,6 +57,7 @@ __all__ = [
     "normalize_weight_norm_names",
     "plain_config",
     "read_json_config",
+    "short_repr",
     "read_safetensors",
     "read_torch_file",
     "to_plain",
@@ -64,6 +66,19 @@ __all__ = [
 
 class CheckpointError(ValueError):
     """A checkpoint file could not be read; the message names the file and what to do."""
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict = 2, 4, 4, 4
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 40, 40, 40
+
+
+def short_repr(value: Any) -> str:
+    """A bounded repr of a value from a file, for messages: a few levels and items, never a full walk
+    (a hostile config can share one list so often that printing it in full would never end)."""
+    if isinstance(value, np.ndarray):
+        return f"array(shape={value.shape}, dtype={value.dtype})"
+    return _SHORT.repr(value)
 
 
 # Upstream overwrites the leading b"PK" with a 2-byte tag for newer SoVITS variants
@@ -720,15 +735,15 @@ class _SafeUnpickler:
 
     def _persistent(self, pid: Any) -> _Storage:
         if not (type(pid) is tuple and len(pid) == 5 and pid[0] == "storage"):
-            raise self._bad(f"unsupported persistent id {str(pid)[:80]}")
+            raise self._bad(f"unsupported persistent id {short_repr(pid)}")
         _tag, storage_type, key, location, numel = pid
         if not (isinstance(storage_type, _Global) and storage_type.module == "torch"
                 and storage_type.name in _STORAGE_DTYPES):
             raise self._bad(f"unsupported storage type {storage_type!r}")
         if not (type(key) is str and 0 < len(key) <= _MAX_STORAGE_KEY and "/" not in key and "\\" not in key):
-            raise self._bad(f"storage key {str(key)[:80]!r}")
+            raise self._bad(f"storage key {short_repr(key)}")
         if type(location) is not str or type(numel) is not int or numel < 0:
-            raise self._bad(f"storage '{key}' with location {str(location)[:40]!r} and {str(numel)[:40]} elements")
+            raise self._bad(f"storage '{key}' with location {short_repr(location)} and {short_repr(numel)} elements")
         return self.load_storage(storage_type.name, key, numel)
 
     def _rebuild_tensor(self, storage: Any, offset: Any, size: Any, stride: Any) -> np.ndarray:
@@ -973,13 +988,13 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
                 raise bad(f"entry {key[:80]!r} is not {{dtype, shape, data_offsets}}")
             dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
             if dtype not in _SAFETENSORS_DTYPES:
-                raise bad(f"tensor {key[:80]!r} has unsupported dtype {str(dtype)[:20]!r}")
+                raise bad(f"tensor {key[:80]!r} has unsupported dtype {short_repr(dtype)}")
             if not (isinstance(shape, list) and len(shape) <= MAX_NDIM
                     and all(type(s) is int and 0 <= s <= _MAX_DIM for s in shape)):
-                raise bad(f"tensor {key[:80]!r} has shape {str(shape)[:80]}")
+                raise bad(f"tensor {key[:80]!r} has shape {short_repr(shape)}")
             if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
                     and 0 <= offsets[0] <= offsets[1] <= data_len):
-                raise bad(f"tensor {key[:80]!r} has byte range {str(offsets)[:80]} outside the {data_len}-byte data")
+                raise bad(f"tensor {key[:80]!r} has byte range {short_repr(offsets)} outside the {data_len}-byte data")
             itemsize = np.dtype(_SAFETENSORS_DTYPES[dtype]).itemsize
             if offsets[1] - offsets[0] != math.prod(shape) * itemsize:
                 raise bad(f"tensor {key[:80]!r}: shape {shape} x {itemsize} bytes != byte range {offsets}")
@@ -1018,7 +1033,7 @@ def check_state_dict(source: str | Path, weights: Any, *, what: str = "weights")
     out = {}
     for key, value in weights.items():
         if not isinstance(key, str):
-            raise CheckpointError(f"{source}: {what} has a non-string key {str(key)[:80]!r}")
+            raise CheckpointError(f"{source}: {what} has a non-string key {short_repr(key)}")
         if not isinstance(getattr(value, "shape", None), tuple):
             raise CheckpointError(f"{source}: {what}[{key[:80]!r}] is a {type(value).__name__}, not a tensor")
         out[key] = value
@@ -1153,7 +1168,7 @@ def to_plain(obj: Any, *, source: str | Path = "config", max_depth: int = MAX_DE
 def check_int(where: str, name: str, value: Any, lo: int, hi: int) -> int:
     """`value` if it is an int (not a bool) in [lo, hi], else ValueError naming `where.name`."""
     if type(value) is not int or not lo <= value <= hi:
-        raise ValueError(f"{where}: {name}={str(value)[:60]!r} must be an integer in [{lo}, {hi}]")
+        raise ValueError(f"{where}: {name}={short_repr(value)} must be an integer in [{lo}, {hi}]")
     return value
 
 
@@ -1162,7 +1177,7 @@ def check_float(where: str, name: str, value: Any, lo: float, hi: float, *, open
     ok = type(value) in (int, float) and math.isfinite(value) and (lo < value if open_low else lo <= value) \
         and value <= hi
     if not ok:
-        raise ValueError(f"{where}: {name}={str(value)[:60]!r} must be a number in {'(' if open_low else '['}{lo}, {hi}]")
+        raise ValueError(f"{where}: {name}={short_repr(value)} must be a number in {'(' if open_low else '['}{lo}, {hi}]")
     return value
 
 
@@ -1171,7 +1186,7 @@ def check_int_list(where: str, name: str, value: Any, lo: int, hi: int, *, min_l
     """`value` if it is a list/tuple of min_len..max_len ints in [lo, hi]."""
     if not (isinstance(value, (list, tuple)) and min_len <= len(value) <= max_len
             and all(type(v) is int and lo <= v <= hi for v in value)):
-        raise ValueError(f"{where}: {name}={str(value)[:80]} must be a list of {min_len}-{max_len} integers "
+        raise ValueError(f"{where}: {name}={short_repr(value)} must be a list of {min_len}-{max_len} integers "
                          f"in [{lo}, {hi}]")
     return list(value)
 

@@ -39,6 +39,7 @@ from ..checkpoint import (
     normalize_weight_norm_names,
     plain_config,
     read_torch_file,
+    short_repr,
     to_plain,
 )
 from .hifigan import Conv1d, Generator, frame_mask
@@ -107,7 +108,7 @@ class SoVITSConfig:
         if self.hidden_channels % self.n_heads or self.mrte_channels % self.mrte_heads:
             raise ValueError(f"{w}: hidden_channels/mrte_channels must be multiples of n_heads/mrte_heads")
         if self.resblock not in ("1", "2"):
-            raise ValueError(f"{w}: resblock={str(self.resblock)[:20]!r} must be '1' or '2'")
+            raise ValueError(f"{w}: resblock={short_repr(self.resblock)} must be '1' or '2'")
         kernels = check_int_list(w, "resblock_kernel_sizes", self.resblock_kernel_sizes, 1, 63, max_len=8)
         dilations = self.resblock_dilation_sizes
         if not (isinstance(dilations, (list, tuple)) and len(dilations) == len(kernels)):
@@ -119,7 +120,7 @@ class SoVITSConfig:
                        max_len=len(rates))
         check_int(w, "upsample_initial_channel", self.upsample_initial_channel, 2 ** len(rates), 8192)
         if self.semantic_frame_rate not in ("25hz", "50hz"):
-            raise ValueError(f"{w}: semantic_frame_rate={str(self.semantic_frame_rate)[:20]!r} must be '25hz' or '50hz'")
+            raise ValueError(f"{w}: semantic_frame_rate={short_repr(self.semantic_frame_rate)} must be '25hz' or '50hz'")
         if not isinstance(self.version, str):
             raise ValueError(f"{w}: version must be a string")
         check_int(w, "sampling_rate", self.sampling_rate, 1000, 192000)
@@ -825,7 +826,7 @@ def check_version(path: str | Path, version_tag: str | None, config: dict, weigh
         elif any(k.startswith(("sv_emb.", "ge_to512.", "prelu.")) for k in weights):
             found = "v2Pro (speaker-verification embedding layers present)"
         elif model_version not in (None, "v2"):
-            found = str(model_version)
+            found = short_repr(model_version)
     if found is not None:
         raise CheckpointError(
             f"{path}: unsupported version {found}: this engine runs GPT-SoVITS v2 SoVITS weights only. "

@@ -1053,7 +1053,7 @@ def summarize(out: Path, baselines: dict[str, dict], wall_s: float) -> dict:
                                   "notes": v["example"]["notes"], "trace": v["example"].get("trace")}
                               for k, v in sorted(bugs.items())},
         "top_refusals": refusals.most_common(25),
-        "mutations": dict(collections.Counter(n.split(":")[0] for r in records for n in r["notes"])),
+        "mutations": dict(collections.Counter(n.split(":")[0].split("@")[0] for r in records for n in r["notes"])),
     }
 
 

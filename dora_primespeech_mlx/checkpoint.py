@@ -386,12 +386,15 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], _Global] = {
 }
 
 
-@dataclass
+@dataclass(repr=False)
 class _Storage:
     key: str
     type_name: str
     data: np.ndarray  # 1-D, in the storage's own dtype
     handed_out: bool = False  # `data` itself became a tensor: later views of it must copy
+
+    def __repr__(self) -> str:
+        return f"<storage '{self.key}' {self.type_name}[{self.data.size}]>"
 
 
 def _contiguous(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
@@ -708,7 +711,7 @@ class _SafeUnpickler:
             if not 1 <= len(args) <= 3 or not isinstance(args[0], np.ndarray):
                 raise self._bad("_rebuild_parameter without a tensor")
             return args[0]
-        raise CheckpointError(f"{self.path}: the pickle calls {func!r}, which only constructs objects; "
+        raise CheckpointError(f"{self.path}: the pickle calls {short_repr(func)}, which only constructs objects; "
                               "refusing the file (it is damaged, or not a PyTorch checkpoint)")
 
     def _new(self, cls: Any, args: Any, kwargs: Any) -> Any:
@@ -716,7 +719,7 @@ class _SafeUnpickler:
             return self._fresh_object(HParams())
         if cls is _ORDERED_DICT and args == () and kwargs == {}:
             return self._fresh_object(collections.OrderedDict())
-        raise CheckpointError(f"{self.path}: the pickle instantiates {cls!r} with {type(args).__name__} "
+        raise CheckpointError(f"{self.path}: the pickle instantiates {short_repr(cls)} with {type(args).__name__} "
                               "arguments; only utils.HParams() is allowed. Refusing the file.")
 
     def _build(self, inst: Any, state: Any) -> None:
@@ -739,7 +742,7 @@ class _SafeUnpickler:
         _tag, storage_type, key, location, numel = pid
         if not (isinstance(storage_type, _Global) and storage_type.module == "torch"
                 and storage_type.name in _STORAGE_DTYPES):
-            raise self._bad(f"unsupported storage type {storage_type!r}")
+            raise self._bad(f"unsupported storage type {short_repr(storage_type)}")
         if not (type(key) is str and 0 < len(key) <= _MAX_STORAGE_KEY and "/" not in key and "\\" not in key):
             raise self._bad(f"storage key {short_repr(key)}")
         if type(location) is not str or type(numel) is not int or numel < 0:

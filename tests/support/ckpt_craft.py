@@ -190,8 +190,14 @@ def build_zip(items: list[tuple[str, bytes]], *, deflate: frozenset[str] | set[s
     return raw
 
 
+def compressed(raw: bytes) -> set[str]:
+    """Names of the members that are not stored (so a rebuilt zip keeps them compressed)."""
+    with zipfile.ZipFile(io.BytesIO(raw)) as zf:
+        return {info.filename for info in zf.infolist() if info.compress_type != zipfile.ZIP_STORED}
+
+
 def replace_member(raw: bytes, name: str, data: bytes) -> bytes:
-    return build_zip([(n, data if n == name else d) for n, d in members(raw)])
+    return build_zip([(n, data if n == name else d) for n, d in members(raw)], deflate=compressed(raw))
 
 
 def pickle_name(raw: bytes) -> str:

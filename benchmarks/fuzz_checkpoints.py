@@ -481,7 +481,8 @@ class Mutator:
             if rng.random() < 0.5:  # DAG: L[k] = [L[k-1], L[k-1]] through the memo
                 seq = [craft.Op("EMPTY_LIST"), craft.Op("LONG_BINPUT", 100000)]
                 for k in range(1, depth):
-                    seq += [craft.Op("EMPTY_LIST"), craft.Op("MARK"), craft.Op("LONG_BINGET", 100000 + k - 1),
+                    seq += [craft.Op("POP"), craft.Op("EMPTY_LIST"), craft.Op("MARK"),
+                            craft.Op("LONG_BINGET", 100000 + k - 1),
                             craft.Op("LONG_BINGET", 100000 + k - 1), craft.Op("APPENDS"),
                             craft.Op("LONG_BINPUT", 100000 + k)]
                 label = "dag"

@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "MAX_DEPTH",
+    "MAX_EXPANDED",
     "CheckpointError",
     "HParams",
     "TorchCheckpoint",
@@ -107,6 +108,7 @@ _STORAGE_DTYPES = {
 }
 
 MAX_DEPTH = 32  # containers nested deeper than this (object tree or config) are refused
+MAX_EXPANDED = 2_000_000  # values an object tree may hold counting shared references once per use (real: ~2,000)
 MAX_NDIM = 32  # tensor rank (torch allows 64; no GPT-SoVITS tensor has more than 4)
 _MAX_DIM = 2**40  # a single dimension of an empty tensor (non-empty ones are bounded by their storage)
 _BUDGET_FACTOR = 4  # bytes a read may allocate per byte of file ...
@@ -795,8 +797,11 @@ class _SafeUnpickler:
         return arr
 
     def check_tree(self, root: Any) -> None:
-        """Refuse cycles and nesting deeper than MAX_DEPTH (one pass, each container once)."""
+        """Refuse cycles, nesting deeper than MAX_DEPTH and trees that shared references expand past
+        MAX_EXPANDED values (printing or walking them naively would never end). One pass, each
+        container once."""
         height: dict[int, int] = {}
+        expanded: dict[int, int] = {}
         on_path: set[int] = set()
         work: list[tuple[Any, bool]] = [(root, False)]
         while work:
@@ -805,13 +810,17 @@ class _SafeUnpickler:
                 continue
             oid = id(obj)
             if done:
-                children = obj.values() if isinstance(obj, dict) else obj
-                height[oid] = 1 + max((height.get(id(c), 0) for c in children
-                                       if isinstance(c, (dict, list, tuple))), default=0)
+                children = [c for c in (obj.values() if isinstance(obj, dict) else obj)
+                            if isinstance(c, (dict, list, tuple))]
+                height[oid] = 1 + max((height[id(c)] for c in children), default=0)
+                expanded[oid] = 1 + len(obj) + sum(expanded[id(c)] for c in children)
                 on_path.discard(oid)
                 if height[oid] > MAX_DEPTH:
                     raise CheckpointError(f"{self.path}: the pickled object nests deeper than {MAX_DEPTH} "
                                           "levels; no checkpoint does, the file is damaged or hostile")
+                if expanded[oid] > MAX_EXPANDED:
+                    raise CheckpointError(f"{self.path}: shared references make the pickled object expand to "
+                                          f"more than {MAX_EXPANDED:,} values; the file is damaged or hostile")
                 continue
             if oid in height:
                 continue
@@ -1138,13 +1147,14 @@ def to_plain(obj: Any, *, source: str | Path = "config", max_depth: int = MAX_DE
     Each container is converted once (a memo keyed by identity), so a config whose lists are shared
     many times over (pickle memo references) costs its size, not the number of paths through it;
     a shared sub-tree stays shared in the result. Nesting deeper than `max_depth` (which includes
-    any cycle) raises `CheckpointError` naming `source`.
+    any cycle), or sharing that would expand the result past `MAX_EXPANDED` values when printed or
+    copied, raises `CheckpointError` naming `source`.
     """
-    done: dict[int, tuple[Any, int]] = {}  # id -> (plain value, height)
+    done: dict[int, tuple[Any, int, int]] = {}  # id -> (plain value, height, expanded size)
 
-    def walk(value: Any, depth: int) -> tuple[Any, int]:
+    def walk(value: Any, depth: int) -> tuple[Any, int, int]:
         if not isinstance(value, (dict, list, tuple)):
-            return value, 0
+            return value, 0, 1
         hit = done.get(id(value))
         if hit is None:
             if depth >= max_depth:
@@ -1152,13 +1162,15 @@ def to_plain(obj: Any, *, source: str | Path = "config", max_depth: int = MAX_DE
                                       "a model config never does, the file is damaged or hostile")
             if isinstance(value, dict):
                 pairs = [(k, walk(v, depth + 1)) for k, v in value.items()]
-                out: Any = {k: v for k, (v, _h) in pairs}
-                heights = [h for _k, (_v, h) in pairs]
+                out: Any = {k: v for k, (v, _h, _n) in pairs}
+                subs = [r for _k, r in pairs]
             else:
-                items = [walk(v, depth + 1) for v in value]
-                out = [v for v, _h in items]
-                heights = [h for _v, h in items]
-            hit = (out, 1 + max(heights, default=0))
+                subs = [walk(v, depth + 1) for v in value]
+                out = [v for v, _h, _n in subs]
+            hit = (out, 1 + max((h for _v, h, _n in subs), default=0), 1 + sum(n for _v, _h, n in subs))
+            if hit[2] > MAX_EXPANDED:
+                raise CheckpointError(f"{source}: shared references make it expand to more than {MAX_EXPANDED:,} "
+                                      "values; a model config never does, the file is damaged or hostile")
             done[id(value)] = hit
         if depth + hit[1] > max_depth:
             raise CheckpointError(f"{source}: nests deeper than {max_depth} levels; a model config never does, "

@@ -337,9 +337,14 @@ def _with_config_value(tmp_path: Path, value_ops: list) -> Path:
     return _edit(path, edit)
 
 
-def test_config_of_shared_lists_is_walked_once(tmp_path):
-    # 2**30 paths through 30 lists: to_plain used to walk every path (it never finished)
+def test_config_of_shared_lists_is_refused_or_walked_once(tmp_path):
+    # 2**30 paths through 30 lists: to_plain used to walk every path (it never finished), and anything
+    # that prints the config (gpt-sovits-mlx inspect) still would: the reader refuses the expansion
     path = _with_config_value(tmp_path, _dag_ops(30))
+    with pytest.raises(CheckpointError, match=f"{path.name}.*expand to more than"):
+        read_torch_file(path)
+    # a modest DAG is read, and to_plain converts each shared list once, keeping it shared
+    path = _with_config_value(tmp_path, _dag_ops(18))
     obj = read_torch_file(path).obj
     t0 = time.perf_counter()
     plain = to_plain(obj["config"])
@@ -348,8 +353,15 @@ def test_config_of_shared_lists_is_walked_once(tmp_path):
     while node:
         assert node[0] is node[1]  # the sharing survives: one converted list per pickled list
         node, depth = node[0], depth + 1
-    assert depth == 29
+    assert depth == 17
     assert checkpoint.plain_config(obj["config"], path)["model"] is not None
+    dag: list = []
+    for _ in range(30):
+        dag = [dag, dag]
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError, match="expand to more than"):
+        to_plain({"model": dag}, source="cfg.json")
+    assert time.perf_counter() - t0 < 1.0
 
 
 @pytest.mark.parametrize("depth", [33, 100, 100_000])

@@ -58,9 +58,9 @@ __all__ = [
     "normalize_weight_norm_names",
     "plain_config",
     "read_json_config",
-    "short_repr",
     "read_safetensors",
     "read_torch_file",
+    "short_repr",
     "to_plain",
 ]
 

@@ -89,25 +89,28 @@ def test_mofa_tts_keeps_its_asr_chain():
     assert tts["env"]["PRIMESPEECH_MODEL_DIR"] == "$HOME/.dora/models/primespeech"
 
 
-def test_mofa_fm_voice_lines_survive_the_apps_rewrite(tmp_path):
-    """mofa-fm's settings screen rewrites VOICE_CHARACTER in the block that starts `  - id:
-    primespeech-<role>` and ends at the next `  - id: ` (role_config.rs update_yaml_voice): the
-    same edit done here must change exactly that node's voice and leave valid YAML."""
-    path = tmp_path / "voice-chat.yml"
-    path.write_text((ROOT / "dataflows" / "mofa-fm.yml").read_text(encoding="utf-8"), encoding="utf-8")
-    value_line = re.compile(r"""(?m)(^\s*VOICE_CHARACTER:\s*)["']?[^"'\n]*["']?\s*$""")
-    for role, new_id in zip(TTS_ROLES, ("mayun", "yangmi", "doubao")):
-        content = path.read_text(encoding="utf-8")
-        start = re.search(rf"(?m)^  - id: primespeech-{role}\s*$", content)
-        assert start, role
-        following = re.search(r"(?m)^  - id: ", content[start.end():])
-        end = start.end() + following.start() if following else len(content)
-        block = content[start.start():end]
-        assert len(value_line.findall(block)) == 1, f"{role}: exactly one VOICE_CHARACTER line the app can match"
-        assert not re.search(r"(?m)^\s*VOICE_NAME:", block), f"{role}: the app would edit VOICE_CHARACTER only"
-        path.write_text(content[:start.start()] + value_line.sub(rf'\1"{new_id}"', block) + content[end:],
-                        encoding="utf-8")
-    flow = yaml.safe_load(path.read_text(encoding="utf-8"))
+VOICE_LINE = re.compile(r"""(?m)(^\s*VOICE_CHARACTER:\s*)["']?[^"'\n]*["']?\s*$""")
+
+
+def app_sets_voice(content: str, role: str, character: str) -> str:
+    """What mofa-fm's settings screen does when a role's voice is picked (role_config.rs
+    update_yaml_voice): in the block from `  - id: primespeech-<role>` to the next `  - id: `, the
+    VOICE_CHARACTER line's value becomes `"<id>"`. Asserts the block has exactly one line it can edit."""
+    start = re.search(rf"(?m)^  - id: primespeech-{role}\s*$", content)
+    assert start, role
+    following = re.search(r"(?m)^  - id: ", content[start.end():])
+    end = start.end() + following.start() if following else len(content)
+    block = content[start.start():end]
+    assert len(VOICE_LINE.findall(block)) == 1, f"{role}: exactly one VOICE_CHARACTER line the app can match"
+    assert not re.search(r"(?m)^\s*VOICE_NAME:", block), f"{role}: the app would edit VOICE_CHARACTER only"
+    return content[:start.start()] + VOICE_LINE.sub(rf'\1"{character}"', block) + content[end:]
+
+
+def test_mofa_fm_voice_lines_survive_the_apps_rewrite():
+    content = (ROOT / "dataflows" / "mofa-fm.yml").read_text(encoding="utf-8")
+    for role, character in zip(TTS_ROLES, ("mayun", "yangmi", "doubao")):
+        content = app_sets_voice(content, role, character)
+    flow = yaml.safe_load(content)
     assert [n["env"]["VOICE_CHARACTER"] for n in our_nodes(flow)] == ["mayun", "yangmi", "doubao"]
     assert "status" not in node_of(flow, "primespeech-student1")["outputs"]  # as upstream: no status output
 
@@ -256,31 +259,36 @@ MOFA_FM_VOICES = {  # dora-gpt-sovits-mlx's voices.json (map schema): ids, alias
                 "aliases": ["yifan", "chenyifan"]},
         "luoxiang": {"ref_audio": "moyoyo/ref_audios/luoxiang_ref.wav", "ref_text": "你好，我是罗翔。",
                      "aliases": ["luo"]},
+        # a character with no built-in voice: zero-shot from its clip on Doubao's weights
+        "marc": {"ref_audio": "moyoyo/ref_audios/maple_ref.wav", "ref_text": "Hello, this is Marc speaking.",
+                 "aliases": ["fewshot"]},
     },
 }
 
 
-def voice_character_supported() -> bool:
-    from dora_primespeech_mlx import node_service
-
-    return "VOICE_CHARACTER" in Path(node_service.__file__).read_text(encoding="utf-8")
-
-
-@pytest.mark.xfail(not voice_character_supported(), strict=True,
-                   reason="VOICE_CHARACTER (mofa-fm's Rust-node configuration) is not read by the node yet")
 def test_mofa_fm_voice_character(tmp_path):
+    """mofa-fm as the app runs it after the user picked Marc for the tutor: VOICE_CHARACTER of the
+    Rust node's voices.json, built-in voices for dnz/yfc, a zero-shot voice for marc."""
     line = "0.4"
     bindir = dora_bindir(line)
     check_line(line, bindir)
     records = tmp_path / "records"
     records.mkdir()
-    flow = stand_in_flow(load_flow("mofa-fm.yml"), [f"primespeech-{r}" for r in TTS_ROLES], {
+    content = app_sets_voice((ROOT / "dataflows" / "mofa-fm.yml").read_text(encoding="utf-8"), "tutor", "marc")
+    flow = stand_in_flow(yaml.safe_load(content), [f"primespeech-{r}" for r in TTS_ROLES], {
         "multi-text-segmenter": StandIn("driver", plan=segmenter_plan()),
         "mofa-audio-player": StandIn("player"),
         "mofa-system-log": StandIn("recorder"),
     }, records)
     run = run_flow(bindir, flow, tmp_path, flow_env(bindir, smoke_home(tmp_path, MOFA_FM_VOICES)), timeout=900)
     check_debate(run, "mofa-audio-player", "mofa-system-log", with_status=False)
+    startup = {}
     for node, text in run.logs.items():
         if node.startswith("primespeech-"):
-            assert "not a known voice" not in text and "Traceback" not in text, (node, text[-3000:])
+            assert "Traceback" not in text and "is not a known voice" not in text, (node, text[-3000:])
+            assert "voice characters from" in text and "voices.json" in text, (node, text[-3000:])
+            startup[node] = re.search(r"startup voice '([^']+)' \(([^)]*)", text).groups()
+    assert startup["primespeech-student1"][0] == "Zhao Daniu", startup
+    assert "VOICE_CHARACTER='dnz'" in startup["primespeech-student1"][1], startup
+    assert startup["primespeech-student2"][0] == "Chen Yifan", startup
+    assert "zero-shot" in startup["primespeech-tutor"][1], startup

@@ -12,7 +12,8 @@ metadata): mofa's conference segmenter releases a participant's next segment on 
 "none" (the prompt-input bridge sends none) or "segmenter" (session_id, question_id, session_status
 as dora-text-segmenter sends them). Everything received goes to FLOW_OUT/<FLOW_NAME>.json, rewritten
 after each event, so a timed-out run still leaves its record. Times: `t` from the node's start,
-`at` wall-clock (comparable between nodes).
+`at` wall-clock (comparable between nodes). A plan's `linger_s` keeps a finished driver listening
+that long (inputs other than the pacing one may still be on their way).
 """
 
 from __future__ import annotations
@@ -97,7 +98,15 @@ def drive(node: Node, rec: Recorder) -> None:
             if position[k] < len(lane["texts"]):
                 send(k)
         rec.save()
-    rec.save(finished=all(position[k] >= len(lane["texts"]) for k, lane in enumerate(lanes)))
+    finished = all(position[k] >= len(lane["texts"]) for k, lane in enumerate(lanes))
+    linger_end = time.monotonic() + float(plan.get("linger_s", 0))  # what other inputs still bring
+    while finished and time.monotonic() < linger_end:
+        event = node.next(timeout=0.2)
+        if event is None:
+            break
+        if event["type"] == "INPUT":
+            rec.received.append(describe(event, rec.t0))
+    rec.save(finished=finished)
 
 
 def listen(node: Node, rec: Recorder, answer_audio: bool) -> None:

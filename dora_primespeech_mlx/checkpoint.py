@@ -1002,7 +1002,8 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
             if dtype not in _SAFETENSORS_DTYPES:
                 raise bad(f"tensor {key[:80]!r} has unsupported dtype {short_repr(dtype)}")
             if not (isinstance(shape, list) and len(shape) <= MAX_NDIM
-                    and all(type(s) is int and 0 <= s <= _MAX_DIM for s in shape)):
+                    and all(type(s) is int and 0 <= s <= _MAX_DIM for s in shape)
+                    and math.prod(s for s in shape if s) < 2**62):
                 raise bad(f"tensor {key[:80]!r} has shape {short_repr(shape)}")
             if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
                     and 0 <= offsets[0] <= offsets[1] <= data_len):

@@ -484,6 +484,7 @@ def _safetensors(tmp_path: Path, header: dict, data: bytes, length: int | None =
     ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, None, "outside"),
     ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, None, "!= byte range"),
     ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, None, "shape"),
+    ({"a": {"dtype": "F32", "shape": [2**40, 2**40, 0], "data_offsets": [0, 0]}}, None, "shape"),
     ({"a": {"dtype": "F8_E4M3", "shape": [8], "data_offsets": [0, 8]}}, None, "unsupported dtype"),
     ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
       "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, None, "overlap"),

@@ -9,6 +9,7 @@ version and pyproject.toml.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,9 @@ def ensure_dora_venv(version: str) -> Path:
                 pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
                 subprocess.run(pip + ["-e", str(ROOT), f"dora-rs=={version}", f"dora-rs-cli=={version}"], check=True)
                 marker.write_text(version)
+                for old in venv.parent.glob(f"dora-{version}-venv-*"):  # ~0.6 GB each, for an older pyproject
+                    if old != venv:
+                        shutil.rmtree(old, ignore_errors=True)
     return venv / "bin"
 
 

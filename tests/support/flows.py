@@ -1,7 +1,8 @@
 """Run the shipped mofa dataflows (dataflows/mofa-*.yml) for real, with their UI widgets stood in for.
 
-A shipped file is loaded as it is; its TTS nodes stay untouched (path, env, inputs, outputs), the
-dynamic widget nodes that feed or read them are replaced by tests/support/flow_node.py, and every
+A shipped file is loaded as it is; its TTS nodes stay untouched (env, inputs, outputs; `path:` too,
+except that with OpenBLAS the same command is started through with_openblas.sh, see node_command),
+the dynamic widget nodes that feed or read them are replaced by tests/support/flow_node.py, and every
 other node (LLM clients, bridges, controller, ASR) is left out together with the inputs that read
 from it. Model paths are the files' own (`~/.dora/...`, `$HOME/.dora/...`): HOME points at a folder
 whose `.dora/models/primespeech/moyoyo` is the smoke voice, so the YAML runs as a user would run it.

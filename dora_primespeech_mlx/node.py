@@ -36,6 +36,14 @@ def run(node, service: TTSService) -> int:
     inputs_open = True
     while inputs_open:
         service.drain(send)
+        if not service.owner_alive:
+            # MLX state belongs to the dead thread and cannot be handed to another: end the node
+            # (non-zero) after answering what is pending, rather than go silent
+            service.log("ERROR", f"the MLX owner thread died ({service.owner_error}); the node exits so that "
+                                 "the dataflow can restart it")
+            service.fail_pending("the TTS engine thread died; the node is exiting")
+            service.drain(send)
+            return 1
         event = node.next(timeout=POLL_SECONDS)
         if event is None:  # the event stream has ended
             break
@@ -56,6 +64,13 @@ def run(node, service: TTSService) -> int:
             service.log("WARNING", f"dora reported an error event: {event.get('error')}")
     while not service.wait_idle(timeout=POLL_SECONDS):  # finish queued texts, sending as they complete
         service.drain(send)
+        if not service.owner_alive:
+            break
+    if not service.owner_alive:
+        service.log("ERROR", f"the MLX owner thread died ({service.owner_error}); the node exits")
+        service.fail_pending("the TTS engine thread died; the node is exiting")
+        service.drain(send)
+        return 1
     service.close()
     service.drain(send)
     return 0

@@ -363,6 +363,7 @@ class TTSService:
         self.init_error: str | None = None
         self._characters: CharacterTable | None = None  # dora-gpt-sovits-mlx's voices.json, read at start
         self._ready = threading.Event()
+        self.owner_error: str | None = None  # set if the MLX owner thread ever dies
         for note in config.notes:
             self.log("WARNING", note)
         self._worker = threading.Thread(target=self._own_mlx, args=(engine_factory,), name="mlx-owner",
@@ -620,10 +621,30 @@ class TTSService:
 
     def _own_mlx(self, factory: Callable[[NodeConfig], TTSEngine]) -> None:
         try:
-            self._start_engine(factory)
-        finally:
-            self._ready.set()
-        self._work()
+            try:
+                self._start_engine(factory)
+            finally:
+                self._ready.set()
+            self._work()
+        except BaseException as exc:  # the owner never ends by error; say so loudly if it does anyway
+            self.owner_error = f"{type(exc).__name__}: {exc}"
+            logger.exception("the MLX owner thread died")
+            raise
+
+    @property
+    def owner_alive(self) -> bool:
+        """False once the MLX owner thread has died: its MLX state cannot move to another thread, so
+        the adapter must end the process (node.run exits non-zero)."""
+        return self._worker.is_alive() or self.owner_error is None
+
+    def fail_pending(self, reason: str) -> int:
+        """Answer every request still pending with `error` (the owner thread is gone)."""
+        with self._lock:
+            jobs, self._pending = list(self._pending), []
+            self._idle.notify_all()
+        for job in jobs:
+            self._complete("error", job.metadata, session_status="error", error_stage="node", error=reason)
+        return len(jobs)
 
     def _work(self) -> None:
         while True:
@@ -632,14 +653,17 @@ class TTSService:
                 return
             try:
                 self._run_job(job)
-            except Exception as exc:  # noqa: BLE001 - the owner thread must outlive any request
+            except BaseException as exc:  # noqa: BLE001 - the owner thread must outlive any request
                 self.stats["errors"] += 1
                 logger.exception("request failed outside synthesis")
                 self._complete("error", job.metadata, session_status="error", error_stage="node",
                                error=f"{type(exc).__name__}: {exc}")
+                if not isinstance(exc, Exception):
+                    raise  # SystemExit, KeyboardInterrupt: the thread ends (node.run exits non-zero)
             finally:
                 with self._lock:
-                    self._pending.remove(job)
+                    if job in self._pending:
+                        self._pending.remove(job)
                     idle = not self._pending
                     if idle:
                         self._idle.notify_all()

@@ -893,3 +893,21 @@ def test_engine_nothing_to_speak_is_silence_then_empty_and_skip_notes_are_logged
     warnings = [json.loads(d[0].as_py()) for d, _ in sent.of("log")]
     assert any(w["level"] == "WARNING" and "skipped" in w["message"] for w in warnings)
     service.close()
+
+
+def test_a_dead_owner_thread_ends_the_node_non_zero_after_answering(model_dir, monkeypatch):
+    """If the MLX owner thread dies anyway (a BaseException escaping a request), no MLX work moves to
+    another thread: the loop answers what is pending with `error`, logs an ERROR and returns 1."""
+    service, engine = make_service(model_dir, delay=0.05)
+
+    def die(*a, **k):
+        raise SystemExit("simulated death of the owner thread")
+
+    monkeypatch.setattr(service, "_run_job", die)
+    node = FakeNode([{"type": "INPUT", "id": "text", "value": pa.array(["你好世界你好世界"]), "metadata": {"question_id": 1}}]
+                    + [{"type": "ERROR", "error": "Timeout event stream error"}] * 200)
+    assert run(node, service) == 1
+    done = [(m["question_id"], d[0].as_py()) for d, m in node.sent.of("segment_complete")]
+    assert done == [(1, "error")]
+    assert any("owner thread died" in json.loads(d[0].as_py())["message"] for d, _ in node.sent.of("log"))
+    assert engine.threads <= {"mlx-owner"}

@@ -69,7 +69,12 @@ class CheckpointError(ValueError):
     """A checkpoint file could not be read; the message names the file and what to do."""
 
 
-_SHORT = reprlib.Repr()
+class _ShortRepr(reprlib.Repr):
+    def repr_ndarray(self, x: np.ndarray, level: int) -> str:  # never numpy's printer (a data-sized walk)
+        return f"array(shape={x.shape}, dtype={x.dtype})"
+
+
+_SHORT = _ShortRepr()
 _SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict = 2, 4, 4, 4
 _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 40, 40, 40
 
@@ -77,8 +82,6 @@ _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 40, 40, 40
 def short_repr(value: Any) -> str:
     """A bounded repr of a value from a file, for messages: a few levels and items, never a full walk
     (a hostile config can share one list so often that printing it in full would never end)."""
-    if isinstance(value, np.ndarray):
-        return f"array(shape={value.shape}, dtype={value.dtype})"
     return _SHORT.repr(value)
 
 

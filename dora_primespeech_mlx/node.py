@@ -98,6 +98,11 @@ def main() -> int:
     service = TTSService(config, make_engine)
     service.log("INFO", f"dora-primespeech-mlx {__version__} on dora-rs {dora_version()}, Python "
                         f"{sys.version.split()[0]}; loading voice {config.voice_name!r}")
+    # Read no events until the engine is loaded and warmed up (its log lines still go out). Seen with
+    # dora-rs 1.1 on a busy CPU: while this node waited in next() during a 2-minute load, with the
+    # other nodes waiting on it, the daemon judged the dataflow finished and stopped every node.
+    while not service.wait_ready(POLL_SECONDS):
+        service.drain(node.send_output)
     code = run(node, service)
     # Everything has been sent and the owner thread has ended (service.close joined it). Drop the node
     # so dora's Rust side flushes and closes the outputs, then leave with os._exit: MLX keeps C++

@@ -635,7 +635,7 @@ class TTSService:
     def owner_alive(self) -> bool:
         """False once the MLX owner thread has died: its MLX state cannot move to another thread, so
         the adapter must end the process (node.run exits non-zero)."""
-        return self._worker.is_alive() or self.owner_error is None
+        return self.owner_error is None and self._worker.is_alive()
 
     def fail_pending(self, reason: str) -> int:
         """Answer every request still pending with `error` (the owner thread is gone)."""
@@ -659,6 +659,7 @@ class TTSService:
                 self._complete("error", job.metadata, session_status="error", error_stage="node",
                                error=f"{type(exc).__name__}: {exc}")
                 if not isinstance(exc, Exception):
+                    self.owner_error = f"{type(exc).__name__}: {exc}"  # before the job leaves `_pending`
                     raise  # SystemExit, KeyboardInterrupt: the thread ends (node.run exits non-zero)
             finally:
                 with self._lock:

@@ -123,7 +123,7 @@ def print_summary(summary: dict) -> None:
     print(BANNER)
     print(f"demo dataflow finished in {summary['dora_run_seconds']} s; outputs in {summary['out_dir']}")
     for t in summary["texts"]:
-        line = f"  [{t['question_id']}] {t['status']:<10} audio {t['audio_seconds']:>6.2f} s"
+        line = f"  [{t['question_id']}] {t['status'] or 'no answer':<10} audio {t['audio_seconds']:>6.2f} s"
         if t["first_audio_s"] is not None:
             line += f"  first audio {t['first_audio_s']:.2f} s  done {t['completed_s']:.2f} s  {', '.join(t['wavs'])}"
         elif t["error"]:

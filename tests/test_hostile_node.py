@@ -136,7 +136,7 @@ def run_dataflow(tmp_path: Path, model_dir: Path, plan: dict, *, stop_mark: Path
       HOSTILE_SECRET: "{SECRET}"
 """)
     env = dict(os.environ, HOSTILE_PLAN=str(tmp_path / "plan.json"), HOSTILE_OUT=str(tmp_path),
-               PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}")
+               PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}", DORA_FINISH_DRAIN_GRACE_SECS="off")
     if stop_mark is not None:
         env["HOSTILE_STOP_MARK"] = str(stop_mark)
     return subprocess.Popen([str(bindir / "dora"), "run", str(yml)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,

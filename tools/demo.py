@@ -83,6 +83,9 @@ def main() -> int:
         # random weights almost never emit EOS: cap tokens so each text stays a few seconds
         env.setdefault("MAX_NEW_TOKENS", "50")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # dora-rs 1.1's daemon stopped this dataflow while the node was still loading on a busy CPU
+    # (its "finish straggler" watchdog; docs/user-guide.md, Troubleshooting): turn that watchdog off
+    env.setdefault("DORA_FINISH_DRAIN_GRACE_SECS", "off")
     t_run = time.perf_counter()
     proc = subprocess.run([str(Path(sys.executable).parent / "dora"), "run", str(ROOT / "dataflows" / "demo.yml")],
                           env=env, capture_output=True, text=True, check=False)

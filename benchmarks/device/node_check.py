@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     yml = out / "node_check.yml"
     yml.write_text(dataflow(sys.executable, node_cmd, node_env), encoding="utf-8")
     env = dict(os.environ, NODE_CHECK_PLAN=str(out / "plan.json"), NODE_CHECK_OUT=str(out))
+    env.setdefault("DORA_FINISH_DRAIN_GRACE_SECS", "off")  # dora 1.1 may stop a slow CPU run (see tools/demo.py)
     t0 = time.perf_counter()
     proc = subprocess.run([args.dora, "run", str(yml)], cwd=out / "run", env=env, capture_output=True, text=True,
                           timeout=args.timeout)

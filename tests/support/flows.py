@@ -154,7 +154,10 @@ def flow_env(bindir: Path, home: Path | None = None, **extra: str) -> dict:
                # with_openblas.sh keeps its files in $XDG_CACHE_HOME (HOME may move); one BLAS thread per
                # node: flows run up to three nodes on two cores
                XDG_CACHE_HOME=os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache"),
-               OPENBLAS_NUM_THREADS=os.environ.get("OPENBLAS_NUM_THREADS", "1"))
+               OPENBLAS_NUM_THREADS=os.environ.get("OPENBLAS_NUM_THREADS", "1"),
+               # dora-rs 1.1's finish-straggler watchdog stopped whole flows on a busy 2-core CPU
+               # while the TTS node was still loading or synthesising (seen in the demo and hostile runs)
+               DORA_FINISH_DRAIN_GRACE_SECS="off")
     env.pop("VIRTUAL_ENV", None)
     if home is not None:
         env["HOME"] = str(home)

@@ -572,3 +572,18 @@ def test_sovits_config_that_is_not_a_mapping_is_refused(tmp_path):
         path = _small_file(tmp_path, obj={"weight": {"a": np.ones(2, np.float16)}, "config": config})
         with pytest.raises(CheckpointError, match="sovits|SoVITS|mapping"):
             load_sovits(path)
+
+
+def test_hubert_conv_weights_of_the_wrong_rank_are_refused(tmp_path, monkeypatch):
+    # found by the fuzz campaign: sanitize() transposed a 2-D "conv" weight (ValueError, not CheckpointError)
+    from dora_primespeech_mlx.checkpoint_writer import write_hf_folder
+    from dora_primespeech_mlx.models.hubert import load_hubert
+
+    monkeypatch.setenv("DORA_PRIMESPEECH_MLX_CACHE", str(tmp_path / "cache"))
+    config = {"conv_dim": [8, 8], "conv_kernel": [4, 2], "conv_stride": [2, 2], "hidden_size": 8,
+              "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 16,
+              "num_conv_pos_embeddings": 4, "num_conv_pos_embedding_groups": 2}
+    folder = write_hf_folder(tmp_path / "hubert", config,
+                             {"feature_extractor.conv_layers.1.conv.weight": np.ones((8, 16), np.float16)})
+    with pytest.raises(CheckpointError, match=r"conv_layers.1.conv.weight has shape \(8, 16\).*3-D"):
+        load_hubert(folder)

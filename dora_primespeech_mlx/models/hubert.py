@@ -22,6 +22,7 @@ from ..checkpoint import (
     check_float,
     check_int,
     check_int_list,
+    check_state_dict,
     fuse_weight_norm,
     normalize_weight_norm_names,
     read_json_config,
@@ -97,6 +98,20 @@ class HubertConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    def check_weights(self, weights: dict[str, np.ndarray], source: str | Path) -> None:
+        """Raise `CheckpointError` unless `weights` is a state dict whose convolution weights (the
+        ones `sanitize` re-lays out) are 3-D; runs before `sanitize` and the strict load."""
+        weights = check_state_dict(source, weights)
+        pos = "encoder.pos_conv_embed.conv"
+        names = [f"{pos}.weight", f"{pos}.weight_g", f"{pos}.weight_v",
+                 *(f"feature_extractor.conv_layers.{i}.conv.weight" for i in range(len(self.conv_dim)))]
+        for name in names:
+            for key in (name, "hubert." + name):
+                value = weights.get(key)
+                if value is not None and len(value.shape) != 3:
+                    raise CheckpointError(f"{source}: {key} has shape {tuple(value.shape)}, a convolution weight is "
+                                          "3-D; the file is damaged or not chinese-hubert-base")
 
 
 class HubertConvLayer(nn.Module):
@@ -324,7 +339,9 @@ def load_hubert(folder: str | Path) -> HubertModel:
     folder = Path(folder)
     cfg = _read_config(folder, HubertConfig)
     model = HubertModel(cfg)
-    weights = model.sanitize(load_hf_weights_cached(folder))
+    weights = load_hf_weights_cached(folder)
+    cfg.check_weights(weights, folder)
+    weights = model.sanitize(weights)
     n_tensors = len(weights)
     try:
         model.load_weights(_to_mlx(weights), strict=True)

@@ -143,6 +143,9 @@ def run_dataflow(tmp_path: Path, model_dir: Path, plan: dict, *, stop_mark: Path
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+@pytest.mark.skipif(not os.environ.get("DPM_HOSTILE_DORA"),
+                    reason="long campaign, run by hand (DPM_HOSTILE_DORA=1): on the shared 2-core CI machine it "
+                           "took from 1.5 to over 15 minutes (issue 18 stays open until it fits CI)")
 def test_dora_run_survives_a_hostile_flood_and_still_speaks(fixtures, tmp_path):
     burst = hostile_burst()
     storm = ["从前有一座山，山里有一座庙。" * 6, "1" * 5000, '{"prompt": 1' + "0" * 5000 + "}", "你好" * 3000]

@@ -54,3 +54,14 @@ def fixtures() -> OracleFixtures:
 @pytest.fixture(scope="session")
 def refs(fixtures) -> dict[str, np.ndarray]:
     return fixtures.refs
+
+
+@pytest.fixture(autouse=True)
+def _restore_g2pw_state():
+    """configure_g2pw sets process-wide state (the frontend's resolver, the status the node logs at
+    start-up); a test that calls it must not change what a later test in the same run sees."""
+    from dora_primespeech_mlx.text import chinese, g2pw
+
+    resolver, status = chinese._polyphones, g2pw._status
+    yield
+    chinese._polyphones, g2pw._status = resolver, status

@@ -357,7 +357,6 @@ class TTSService:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified when the last pending request ends
         self._pending: list[_Job] = []
-        self._prepared: dict[str, Any] = {}
         self.stats = {"syntheses": 0, "audio_seconds": 0.0, "errors": 0, "cancelled": 0}
         self.engine: TTSEngine | None = None
         self.init_error: str | None = None
@@ -522,11 +521,8 @@ class TTSService:
         return voice
 
     def _prepare(self, voice: Voice) -> Any:
-        key = f"{voice.id}|{voice.reference_audio}|{voice.prompt_text}|{voice.prompt_lang}"
-        if key not in self._prepared:
-            assert self.engine is not None
-            self._prepared[key] = self.engine.prepare_voice(voice)
-        return self._prepared[key]
+        assert self.engine is not None
+        return self.engine.prepare_voice(voice)  # the engine keeps prepared voices (bounded LRU)
 
     # ---- inputs
 

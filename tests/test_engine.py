@@ -69,6 +69,22 @@ def test_prepare_voice_once(engine):
     assert engine.prepare_voice(voice) is prompt
 
 
+def test_prepared_voices_are_bounded_least_recently_used_first(engine, monkeypatch):
+    """VOICE:CUSTOM makes a new prepared voice per clip and transcript: the engine keeps MAX_PROMPTS."""
+    from dataclasses import replace
+
+    import dora_primespeech_mlx.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "MAX_PROMPTS", 2)
+    base = engine.registry.get("Doubao")
+    voices = [replace(base, prompt_text=f"你好{n}。") for n in range(3)]
+    first, second = engine.prepare_voice(voices[0]), engine.prepare_voice(voices[1])
+    assert engine.prepare_voice(voices[0]) is first  # used again: now the most recent
+    engine.prepare_voice(voices[2])  # drops voices[1], the least recently used
+    assert len(engine._prompts) == 2
+    assert engine.prepare_voice(voices[0]) is first and engine.prepare_voice(voices[1]) is not second
+
+
 @pytest.mark.parametrize("text, lang, n_sentences", [
     ("你好，世界。", "zh", 1),
     ("Hello there my good friend.", "en", 1),

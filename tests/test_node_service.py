@@ -6,6 +6,7 @@ import json
 import os
 import threading
 import time
+from collections import OrderedDict
 
 import numpy as np
 import pyarrow as pa
@@ -13,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dora_primespeech_mlx.engine import MAX_PROMPTS
 from dora_primespeech_mlx.node import run
 from dora_primespeech_mlx.node_service import NodeConfig, TTSService, parse_text_payload
 from dora_primespeech_mlx.options import AudioChunk, NothingToSpeak, SynthesisCancelled, WrongThreadError
@@ -30,6 +32,7 @@ class FakeEngine:
     def __init__(self, model_dir, *, delay: float = 0.0, fail_on: str | None = None, prepare_delay: float = 0.0):
         self.registry = VoiceRegistry(model_dir)
         self.prepared: list[str] = []
+        self._prompts: OrderedDict = OrderedDict()
         self.streaming: list[bool] = []
         self.calls: list[tuple[str, str, object]] = []
         self.voices: list = []  # the Voice objects of warm_up and each synthesis
@@ -48,8 +51,15 @@ class FakeEngine:
 
     def prepare_voice(self, voice):
         self._check_thread("prepare_voice")
+        key = (voice.id, voice.reference_audio, voice.prompt_text, voice.prompt_lang, voice.sovits_weights)
+        if key in self._prompts:  # as the engine: prepared voices are kept, least recently used dropped
+            self._prompts.move_to_end(key)
+            return self._prompts[key]
         time.sleep(self.prepare_delay)
         self.prepared.append(voice.id)
+        self._prompts[key] = voice.id
+        while len(self._prompts) > MAX_PROMPTS:
+            self._prompts.popitem(last=False)
         return voice.id
 
     def warm_up(self, voice, options=None, *, streaming=False):

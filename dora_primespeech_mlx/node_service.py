@@ -81,6 +81,22 @@ class TTSEngine(Protocol):
 # ------------------------------------------------------------------------------------ config
 
 
+def parse_allowed_dirs(raw: str | None, notes: list[str]) -> tuple[Path, ...] | None:
+    """ALLOWED_VOICE_DIRS: folders (os.pathsep-separated, `~`/`$VAR` expanded: the operator wrote them)
+    that VOICE:CUSTOM/VOICE:TRAINED files must lie in, links resolved. Unset: any absolute path."""
+    if raw is None or not raw.strip():
+        return None
+    folders = []
+    for part in raw.split(os.pathsep):
+        if not part.strip():
+            continue
+        folder = Path(os.path.realpath(expand_path(part.strip())))
+        if not folder.is_dir():
+            notes.append(f"ALLOWED_VOICE_DIRS: {part.strip()!r} is not a folder; payload files from it are refused")
+        folders.append(folder)
+    return tuple(folders)  # set but naming no folder: every payload file is refused
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """Environment, read once (not at import time). Bad values fall back to defaults with a note."""
@@ -91,6 +107,7 @@ class NodeConfig:
     voices_config: Path | None = None  # VOICES_CONFIG: dora-gpt-sovits-mlx's voices.json (characters)
     ref_audio: Path | None = None  # REF_AUDIO: the startup voice's reference clip
     ref_text: str | None = None  # REF_TEXT: its transcript (PROMPT_TEXT wins when both are set)
+    allowed_voice_dirs: tuple[Path, ...] | None = None  # ALLOWED_VOICE_DIRS: payload files only from these
     use_ane: bool = False
     precision: str = "fp32"  # PRECISION: fp32 (default) | fp16 | bf16 | int8 (opt-in, docs/performance.md)
     text_lang: str | None = None
@@ -161,6 +178,7 @@ class NodeConfig:
         ref_text = (env.get("REF_TEXT") or "").strip() or None
         if prompt_text and ref_text and prompt_text.strip() != ref_text:
             notes.append("PROMPT_TEXT and REF_TEXT are both set; PROMPT_TEXT wins")
+        allowed_dirs = parse_allowed_dirs(env.get("ALLOWED_VOICE_DIRS"), notes)
         return cls(
             voice_name=voice_name or character or "Doubao",
             voice_source=source,
@@ -168,6 +186,7 @@ class NodeConfig:
             voices_config=expand_path(env["VOICES_CONFIG"]) if (env.get("VOICES_CONFIG") or "").strip() else None,
             ref_audio=expand_path(env["REF_AUDIO"].strip()) if (env.get("REF_AUDIO") or "").strip() else None,
             ref_text=ref_text,
+            allowed_voice_dirs=allowed_dirs,
             use_ane=get("USE_ANE", parse_bool, False),
             precision=get("PRECISION", str.lower, "fp32", lambda v: v in PRECISION_CHOICES,
                           f"use one of {', '.join(PRECISION_CHOICES)}"),
@@ -561,14 +580,17 @@ class TTSService:
         existing files); a bad one raises ValueError/FileNotFoundError naming only what was sent."""
         assert self.engine is not None
         registry = self.engine.registry
+        allowed = self.config.allowed_voice_dirs
         if request.custom is not None:
             ref, prompt, lang = request.custom
-            return registry.custom(payload_file(ref, "VOICE:CUSTOM reference clip"), prompt, lang)
+            return registry.custom(payload_file(ref, "VOICE:CUSTOM reference clip", allowed_dirs=allowed),
+                                   prompt, lang)
         if request.trained is not None:
             gpt, sovits, ref, prompt, lang = request.trained
-            return registry.trained(payload_file(gpt, "VOICE:TRAINED GPT weights", (".ckpt",)),
-                                    payload_file(sovits, "VOICE:TRAINED SoVITS weights", (".pth",)),
-                                    payload_file(ref, "VOICE:TRAINED reference clip"), prompt, lang)
+            return registry.trained(payload_file(gpt, "VOICE:TRAINED GPT weights", (".ckpt",), allowed),
+                                    payload_file(sovits, "VOICE:TRAINED SoVITS weights", (".pth",), allowed),
+                                    payload_file(ref, "VOICE:TRAINED reference clip", allowed_dirs=allowed),
+                                    prompt, lang)
         if request.voice_id is not None:
             if request.voice_id in registry:
                 return registry.get(request.voice_id)

@@ -247,13 +247,24 @@ def _absolute(path: str | os.PathLike, what: str) -> Path:
     return Path(text)
 
 
-def payload_file(path: str | os.PathLike, what: str, suffixes: tuple[str, ...] = ()) -> Path:
+def payload_file(path: str | os.PathLike, what: str, suffixes: tuple[str, ...] = (),
+                 allowed_dirs: tuple[Path, ...] | None = None) -> Path:
     """Check a path sent in a payload: absolute, usable by the OS, an existing regular file with one of
-    `suffixes`. Raises ValueError/FileNotFoundError whose message holds only what was sent (cut short)."""
+    `suffixes` and, when `allowed_dirs` is given (the operator's ALLOWED_VOICE_DIRS, resolved), inside
+    one of them once `..` and symbolic links are resolved. Raises ValueError/FileNotFoundError whose
+    message holds only what was sent (cut short)."""
     p = _absolute(path, what)
     shown = shorten(str(path))
     try:
+        if allowed_dirs is not None:
+            # checked before existence: outside the folders, a payload learns nothing about the disk
+            real = Path(os.path.realpath(p))
+            if not any(real.is_relative_to(folder) for folder in allowed_dirs):
+                raise PermissionError(f"{what} {shown!r} is outside the folders this node reads payload files "
+                                      "from (ALLOWED_VOICE_DIRS); put the file in one of them")
         is_file = p.is_file()
+    except PermissionError:
+        raise
     except (OSError, ValueError) as exc:  # e.g. ENAMETOOLONG, embedded NUL
         reason = getattr(exc, "strerror", None) or type(exc).__name__
         raise ValueError(f"{what} {shown!r} cannot be used: {reason}") from None

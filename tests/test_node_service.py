@@ -272,6 +272,45 @@ def test_custom_voice_missing_clip_is_an_error_naming_the_file(model_dir, tmp_pa
     service.close()
 
 
+def test_allowed_voice_dirs_limit_payload_files_after_links_and_dots_are_resolved(model_dir, tmp_path):
+    voices, outside = tmp_path / "voices", tmp_path / "outside"
+    voices.mkdir()
+    outside.mkdir()
+    (voices / "ok.wav").write_bytes(b"RIFF")
+    (outside / "secret.wav").write_bytes(b"RIFF")
+    (voices / "link.wav").symlink_to(outside / "secret.wav")
+    (tmp_path / "gpt.ckpt").write_bytes(b"x")
+    service, engine = make_service(model_dir, {"ALLOWED_VOICE_DIRS": f"{voices}{os.pathsep}{tmp_path}/missing"})
+    (note,) = [m for m in started(service).logs("WARNING") if "ALLOWED_VOICE_DIRS" in m]
+    assert "missing" in note and "not a folder" in note
+    process(service, f"VOICE:CUSTOM|{voices}/ok.wav|参考文本|zh|你好啊朋友")
+    assert len(engine.calls) == 1 and "ok.wav" in engine.calls[0][1]
+    refused = [f"{outside}/secret.wav", f"{outside}/no-such.wav", f"{voices}/link.wav", f"{voices}/../outside/secret.wav"]
+    for path in refused:
+        sent = process(service, f"VOICE:CUSTOM|{path}|参考文本|zh|你好")
+        (data, meta), = sent.of("segment_complete")
+        # the same answer whether or not the file exists, and the allowed folders are not shown
+        assert data[0].as_py() == "error" and "outside the folders" in meta["error"], meta["error"]
+        assert "ALLOWED_VOICE_DIRS" in meta["error"] and str(voices) not in meta["error"].replace(path, "")
+    sent = process(service, f"VOICE:TRAINED|{tmp_path}/gpt.ckpt|{voices}/x.pth|{voices}/ok.wav|参考|zh|你好")
+    (data, meta), = sent.of("segment_complete")
+    assert data[0].as_py() == "error" and "VOICE:TRAINED GPT weights" in meta["error"]
+    assert "outside the folders" in meta["error"]
+    assert len(engine.calls) == 1
+    service.close()
+
+
+def test_allowed_voice_dirs_set_to_nothing_refuses_every_payload_file(model_dir, tmp_path):
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(b"RIFF")
+    service, engine = make_service(model_dir, {"ALLOWED_VOICE_DIRS": os.pathsep})
+    sent = process(service, f"VOICE:CUSTOM|{clip}|参考文本|zh|你好")
+    assert "outside the folders" in sent.of("segment_complete")[0][1]["error"] and engine.calls == []
+    process(service, "VOICE:Luo Xiang|你好啊")  # named voices are not payload files
+    assert [c[1] for c in engine.calls] == ["Luo Xiang"]
+    service.close()
+
+
 def test_streaming_mode_sends_chunks_with_index_and_final_flag(model_dir):
     service, engine = make_service(model_dir, {"RETURN_FRAGMENT": "true"})
     sent = process(service, "一二三四五六七八九十一二", {"question_id": "q"})

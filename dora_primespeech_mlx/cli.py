@@ -17,11 +17,13 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import CheckpointError, load_hf_weights, read_torch_file, to_plain
+from .checkpoint import (CheckpointError, check_state_dict, load_hf_weights, plain_config, read_json_config,
+                         read_torch_file, short_repr)
 
 
 def _summarise_state(state: dict) -> dict:
@@ -34,19 +36,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     path = Path(os.path.expandvars(os.path.expanduser(args.path)))
     if path.is_dir():
         summary = {"path": str(path), "kind": "hf-folder", **_summarise_state(load_hf_weights(path))}
-        cfg = path / "config.json"
-        if cfg.exists():
-            summary["model_type"] = json.loads(cfg.read_text()).get("model_type")
+        if (path / "config.json").exists():
+            summary["model_type"] = read_json_config(path / "config.json").get("model_type")
     else:
         ckpt = read_torch_file(path)
         obj = ckpt.obj
         summary = {"path": str(path), "archive_folder": ckpt.archive_folder, "version_tag": ckpt.version_tag}
-        if isinstance(obj, dict) and "weight" in obj:
-            summary.update(kind="gpt-sovits-checkpoint", info=obj.get("info"), **_summarise_state(obj["weight"]))
-            config = to_plain(obj.get("config") or {})
+        if isinstance(obj, Mapping) and "weight" in obj:
+            weights = check_state_dict(path, obj["weight"], what="the 'weight' entry")
+            config = plain_config(obj["config"], path) if obj.get("config") is not None else {}
+            summary.update(kind="gpt-sovits-checkpoint", info=info if isinstance(info := obj.get("info"), str) else short_repr(info), **_summarise_state(weights))
             summary["config_model"] = config.get("model")
         else:
-            summary.update(kind="state-dict", **_summarise_state(obj))
+            summary.update(kind="state-dict", **_summarise_state(check_state_dict(path, obj)))
     print(json.dumps(summary, indent=1, ensure_ascii=False, default=str))
     return 0
 

@@ -587,3 +587,36 @@ def test_hubert_conv_weights_of_the_wrong_rank_are_refused(tmp_path, monkeypatch
                              {"feature_extractor.conv_layers.1.conv.weight": np.ones((8, 16), np.float16)})
     with pytest.raises(CheckpointError, match=r"conv_layers.1.conv.weight has shape \(8, 16\).*3-D"):
         load_hubert(folder)
+
+
+@pytest.mark.parametrize("obj, needle", [
+    ({"weight": [1, 2], "config": {}}, "should be a mapping"),
+    ({"weight": {"w": np.ones(2, np.float32)}, "config": [1, 2]}, "not a mapping"),
+    ({"weight": {"w": "text"}, "config": {}}, "not a tensor"),
+    ([np.ones(2, np.float32)], "should be a mapping"),
+    ({3: np.ones(2, np.float32)}, "non-string key"),
+])
+def test_cli_inspect_names_the_file_when_the_structure_is_wrong(tmp_path, capsys, obj, needle):
+    """`inspect` used to die with AttributeError/TypeError on a checkpoint whose weight or config is
+    not a mapping; it now says what is wrong, naming the file, and exits 1."""
+    from dora_primespeech_mlx.checkpoint_writer import write_torch_file
+    from dora_primespeech_mlx.cli import main
+
+    path = tmp_path / "odd.ckpt"
+    write_torch_file(path, obj)
+    assert main(["inspect", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "odd.ckpt" in err and needle in err, err
+
+
+def test_cli_inspect_summarises_a_checkpoint(tmp_path, capsys):
+    from dora_primespeech_mlx.checkpoint_writer import write_torch_file
+    from dora_primespeech_mlx.cli import main
+
+    path = tmp_path / "gpt.ckpt"
+    write_torch_file(path, {"weight": {"a": np.ones((2, 3), np.float32), "b": np.ones(4, np.float16)},
+                            "config": {"model": {"vocab_size": 1025}}, "info": "e15"})
+    assert main(["inspect", str(path)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["kind"] == "gpt-sovits-checkpoint" and summary["parameters"] == 10 and summary["tensors"] == 2
+    assert summary["config_model"] == {"vocab_size": 1025} and summary["info"] == "e15"

@@ -84,9 +84,10 @@ sys.path.insert(0, str(ROOT / "tests" / "support"))
 
 import ckpt_craft as craft
 
-from dora_primespeech_mlx import checkpoint
-from dora_primespeech_mlx.checkpoint import CheckpointError, HParams
-from dora_primespeech_mlx.checkpoint_writer import torch_file_bytes
+from dora_primespeech_mlx import weights as checkpoint
+from dora_primespeech_mlx.weights import common as weights_common
+from dora_primespeech_mlx.weights import CheckpointError, HParams
+from dora_primespeech_mlx.weights.writer import torch_file_bytes
 
 CPU_LIMIT_S = 10  # RLIMIT_CPU of a case; over it the case is a hang
 WALL_LIMIT_S = 30
@@ -139,7 +140,7 @@ def build_seeds(folder: Path) -> dict[str, Path]:
 
     from safetensors.numpy import save_file
 
-    from dora_primespeech_mlx.checkpoint_writer import write_hf_folder, write_torch_file
+    from dora_primespeech_mlx.weights.writer import write_hf_folder, write_torch_file
     from dora_primespeech_mlx.models.hubert import HubertConfig, HubertModel
     from dora_primespeech_mlx.models.sovits import SoVITS, SoVITSConfig
     from dora_primespeech_mlx.models.t2s import T2S, T2SConfig
@@ -445,7 +446,7 @@ class Mutator:
             if not sites:
                 return "storage_type:none"
             site = rng.choice(sites)
-            name = rng.choice([*checkpoint._STORAGE_DTYPES, "Storage", "UntypedStorage", "ComplexFloatStorage"])
+            name = rng.choice([*weights_common._STORAGE_DTYPES, "Storage", "UntypedStorage", "ComplexFloatStorage"])
             module = rng.choice(["torch"] * 6 + ["collections", "torch._utils", "builtins", "os"])
             ops[site.storage_type] = craft.Op("GLOBAL", f"{module} {name}")
             return f"storage_type:{module}.{name}"

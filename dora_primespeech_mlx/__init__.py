@@ -30,9 +30,9 @@ _LAZY = {
     "load_sovits": "dora_primespeech_mlx.models.sovits",
     "load_hubert": "dora_primespeech_mlx.models.hubert",
     "load_bert": "dora_primespeech_mlx.models.bert",
-    "read_torch_file": "dora_primespeech_mlx.checkpoint",
-    "load_hf_weights": "dora_primespeech_mlx.checkpoint",
-    "CheckpointError": "dora_primespeech_mlx.checkpoint",
+    "read_torch_file": "dora_primespeech_mlx.weights",
+    "load_hf_weights": "dora_primespeech_mlx.weights",
+    "CheckpointError": "dora_primespeech_mlx.weights",
 }
 
 __all__ = sorted(_LAZY)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import (CheckpointError, check_state_dict, load_hf_weights, plain_config, read_json_config,
+from .weights import (CheckpointError, check_state_dict, load_hf_weights, plain_config, read_json_config,
                          read_torch_file, short_repr)
 
 

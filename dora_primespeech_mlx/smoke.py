@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import HParams
-from .checkpoint_writer import write_hf_folder, write_torch_file, write_wordpiece_tokenizer
+from .weights import HParams
+from .weights.writer import write_hf_folder, write_torch_file, write_wordpiece_tokenizer
 from .voices import BUILTIN_FILE, CUSTOM_BASE_VOICE, _entries, _voice_from_entry, read_json_file
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ The layout follows Apple's "Deploying Transformers on the Apple Neural Engine" r
   unpadded run.
 
 Weights come from the user's HF folder through the torch-free reader
-(`dora_primespeech_mlx.checkpoint`); parameter names mirror the HF keys so loading is a reshape.
+(`dora_primespeech_mlx.weights`); parameter names mirror the HF keys so loading is a reshape.
 Only the layers GPT-SoVITS reads are built: HuBERT's last hidden state, RoBERTa up to layer 22.
 """
 
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dora_primespeech_mlx.checkpoint import (CheckpointError, fuse_weight_norm, load_hf_weights,
+from dora_primespeech_mlx.weights import (CheckpointError, fuse_weight_norm, load_hf_weights,
                                              normalize_weight_norm_names)
 
 MASK_BIAS = -1e4  # fp16-safe "minus infinity": exp underflows to exactly 0 after the max shift

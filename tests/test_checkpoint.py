@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dora_primespeech_mlx.checkpoint import (
+from dora_primespeech_mlx.weights import (
     CheckpointError,
     HParams,
     fuse_weight_norm,
@@ -208,8 +208,10 @@ def test_missing_file_message(tmp_path):
 sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 import ckpt_craft as craft  # noqa: E402
 
-from dora_primespeech_mlx import checkpoint  # noqa: E402
-from dora_primespeech_mlx.checkpoint_writer import torch_file_bytes  # noqa: E402
+from dora_primespeech_mlx import weights as checkpoint  # noqa: E402
+from dora_primespeech_mlx.weights import torch_file as weights_torch_file  # noqa: E402
+from dora_primespeech_mlx.weights import unpickler as weights_unpickler  # noqa: E402
+from dora_primespeech_mlx.weights.writer import torch_file_bytes  # noqa: E402
 
 
 def _small_file(tmp_path: Path, name: str = "small.ckpt", obj=None) -> Path:
@@ -400,7 +402,7 @@ def test_build_on_a_storage_global_is_refused_and_changes_nothing(tmp_path):
     _edit(hostile, edit)
     with pytest.raises(CheckpointError, match="sets the state of a _Global"):
         read_torch_file(hostile)
-    token = checkpoint._STORAGE_GLOBALS["HalfStorage"]
+    token = weights_unpickler._STORAGE_GLOBALS["HalfStorage"]
     assert token.name == "HalfStorage" and not hasattr(token, "__dict__")
     with pytest.raises(AttributeError):
         token.name = "FloatStorage"
@@ -450,7 +452,7 @@ def test_pickle_budget_refuses_an_object_bomb(tmp_path):
 
 def test_pickle_limits_and_unknown_opcodes(tmp_path, monkeypatch):
     path = _small_file(tmp_path)
-    monkeypatch.setattr(checkpoint, "_MAX_PICKLE", 64)
+    monkeypatch.setattr(weights_torch_file, "_MAX_PICKLE", 64)
     with pytest.raises(CheckpointError, match="pickle.*more than the 64"):
         read_torch_file(path)
     monkeypatch.undo()
@@ -576,7 +578,7 @@ def test_sovits_config_that_is_not_a_mapping_is_refused(tmp_path):
 
 def test_hubert_conv_weights_of_the_wrong_rank_are_refused(tmp_path, monkeypatch):
     # found by the fuzz campaign: sanitize() transposed a 2-D "conv" weight (ValueError, not CheckpointError)
-    from dora_primespeech_mlx.checkpoint_writer import write_hf_folder
+    from dora_primespeech_mlx.weights.writer import write_hf_folder
     from dora_primespeech_mlx.models.hubert import load_hubert
 
     monkeypatch.setenv("DORA_PRIMESPEECH_MLX_CACHE", str(tmp_path / "cache"))
@@ -599,7 +601,7 @@ def test_hubert_conv_weights_of_the_wrong_rank_are_refused(tmp_path, monkeypatch
 def test_cli_inspect_names_the_file_when_the_structure_is_wrong(tmp_path, capsys, obj, needle):
     """`inspect` used to die with AttributeError/TypeError on a checkpoint whose weight or config is
     not a mapping; it now says what is wrong, naming the file, and exits 1."""
-    from dora_primespeech_mlx.checkpoint_writer import write_torch_file
+    from dora_primespeech_mlx.weights.writer import write_torch_file
     from dora_primespeech_mlx.cli import main
 
     path = tmp_path / "odd.ckpt"
@@ -610,7 +612,7 @@ def test_cli_inspect_names_the_file_when_the_structure_is_wrong(tmp_path, capsys
 
 
 def test_cli_inspect_summarises_a_checkpoint(tmp_path, capsys):
-    from dora_primespeech_mlx.checkpoint_writer import write_torch_file
+    from dora_primespeech_mlx.weights.writer import write_torch_file
     from dora_primespeech_mlx.cli import main
 
     path = tmp_path / "gpt.ckpt"

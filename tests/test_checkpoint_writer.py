@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 
 from dora_primespeech_mlx import smoke
-from dora_primespeech_mlx.checkpoint import HParams, load_hf_weights, read_torch_file, to_plain
-from dora_primespeech_mlx.checkpoint_writer import (
+from dora_primespeech_mlx.weights import HParams, load_hf_weights, read_torch_file, to_plain
+from dora_primespeech_mlx.weights.writer import (
     STORAGE_ALIGNMENT,
     torch_file_bytes,
     write_hf_folder,

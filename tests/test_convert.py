@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from dora_primespeech_mlx import convert
+from dora_primespeech_mlx.weights import cache as weights_cache
 
 
 @pytest.fixture
@@ -35,11 +36,11 @@ def test_first_load_converts_then_reads_the_cache(cache, tmp_path):
     src.write_bytes(b"weights-v1")
     calls = []
     load, save = _fake_loader(calls)
-    assert convert.load_cached("t2s", src, load, save) == b"weights-v1"
+    assert weights_cache.load_cached("t2s", src, load, save) == b"weights-v1"
     assert calls == [src]
     entries = list(cache.glob("t2s-*.safetensors"))
-    assert len(entries) == 1 and f"-c{convert.CONVERTER_VERSION}" in entries[0].name
-    assert convert.load_cached("t2s", src, load, save) == b"weights-v1"
+    assert len(entries) == 1 and f"-c{weights_cache.CONVERTER_VERSION}" in entries[0].name
+    assert weights_cache.load_cached("t2s", src, load, save) == b"weights-v1"
     assert calls[-1] == entries[0]
 
 
@@ -47,9 +48,9 @@ def test_changed_content_gets_a_new_entry(cache, tmp_path):
     src = tmp_path / "voice.ckpt"
     src.write_bytes(b"weights-v1")
     load, save = _fake_loader([])
-    convert.load_cached("t2s", src, load, save)
+    weights_cache.load_cached("t2s", src, load, save)
     src.write_bytes(b"weights-v2-longer")
-    assert convert.load_cached("t2s", src, load, save) == b"weights-v2-longer"
+    assert weights_cache.load_cached("t2s", src, load, save) == b"weights-v2-longer"
     assert len(list(cache.glob("t2s-*.safetensors"))) == 2
 
 
@@ -63,7 +64,7 @@ def test_interrupted_conversion_leaves_no_entry(cache, tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        convert.load_cached("t2s", src, load, save_and_die)
+        weights_cache.load_cached("t2s", src, load, save_and_die)
     assert list(cache.glob("*.safetensors")) == [] and list(cache.glob(".*tmp*")) == []
 
 
@@ -71,17 +72,17 @@ def test_damaged_entry_is_rebuilt(cache, tmp_path):
     src = tmp_path / "voice.ckpt"
     src.write_bytes(b"weights")
     load, save = _fake_loader([])
-    convert.load_cached("t2s", src, load, save)
+    weights_cache.load_cached("t2s", src, load, save)
     (entry,) = cache.glob("t2s-*.safetensors")
     entry.write_bytes(b"garbage")
-    assert convert.load_cached("t2s", src, load, save) == b"weights"
+    assert weights_cache.load_cached("t2s", src, load, save) == b"weights"
     assert entry.read_bytes() == b"CACHE:weights"
 
 
 def test_missing_source_names_the_file(cache, tmp_path):
     load, save = _fake_loader([])
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
-        convert.load_cached("t2s", tmp_path / "nope.ckpt", load, save)
+        weights_cache.load_cached("t2s", tmp_path / "nope.ckpt", load, save)
 
 
 def test_real_t2s_round_trip(cache, fixtures, tmp_path):
@@ -100,15 +101,15 @@ def test_real_t2s_round_trip(cache, fixtures, tmp_path):
 
 
 def test_hf_folder_is_cached_as_safetensors(cache, fixtures, tmp_path, monkeypatch):
-    from dora_primespeech_mlx import checkpoint
+    from dora_primespeech_mlx.weights import state_dict as checkpoint  # where load_hf_weights finds it
 
     folder = tmp_path / "hubert"
     shutil.copytree(fixtures.hubert_dir, folder)
-    first = convert.load_hf_weights_cached(folder)
+    first = weights_cache.load_hf_weights_cached(folder)
     (entry,) = cache.glob("hf-*.safetensors")
     # a second load reads the cache: the torch pickle is never opened again
     monkeypatch.setattr(checkpoint, "read_torch_file", lambda *a, **k: pytest.fail("read the .bin again"))
-    second = convert.load_hf_weights_cached(folder)
+    second = weights_cache.load_hf_weights_cached(folder)
     assert set(first) == set(second) and "encoder.pos_conv_embed.conv.weight_g" in second
     for key in first:
         assert second[key].dtype == first[key].dtype

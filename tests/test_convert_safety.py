@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dora_primespeech_mlx import convert
+from dora_primespeech_mlx.weights import cache as weights_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,27 +50,27 @@ def test_corrupt_index_is_rebuilt_with_a_warning(cache, tmp_path, caplog, garbag
     src = tmp_path / "voice.ckpt"
     src.write_bytes(b"weights-v1")
     cache.mkdir(parents=True)
-    (cache / convert.INDEX_NAME).write_bytes(garbage)
+    (cache / weights_cache.INDEX_NAME).write_bytes(garbage)
     calls: list = []
     load, save = _loader(calls)
-    with caplog.at_level(logging.WARNING, logger="dora_primespeech_mlx.convert"):
-        assert convert.load_cached("t2s", src, load, save) == b"weights-v1"
+    with caplog.at_level(logging.WARNING, logger="dora_primespeech_mlx.weights.cache"):
+        assert weights_cache.load_cached("t2s", src, load, save) == b"weights-v1"
     if not garbage.startswith(b'{"'):
         assert any("cache index" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
-    index = json.loads((cache / convert.INDEX_NAME).read_text())  # healed: valid JSON with the source
+    index = json.loads((cache / weights_cache.INDEX_NAME).read_text())  # healed: valid JSON with the source
     assert str(src.resolve()) in index
-    assert convert.load_cached("t2s", src, load, save) == b"weights-v1"
+    assert weights_cache.load_cached("t2s", src, load, save) == b"weights-v1"
     assert _converted(calls) == 1
 
 
 def test_unreadable_and_unwritable_index_still_loads(cache, tmp_path, caplog):
     src = tmp_path / "voice.ckpt"
     src.write_bytes(b"weights")
-    (cache / convert.INDEX_NAME).mkdir(parents=True)  # a folder where the index file should be
+    (cache / weights_cache.INDEX_NAME).mkdir(parents=True)  # a folder where the index file should be
     load, save = _loader([])
-    with caplog.at_level(logging.WARNING, logger="dora_primespeech_mlx.convert"):
-        assert convert.load_cached("t2s", src, load, save) == b"weights"
-        assert convert.load_cached("t2s", src, load, save) == b"weights"
+    with caplog.at_level(logging.WARNING, logger="dora_primespeech_mlx.weights.cache"):
+        assert weights_cache.load_cached("t2s", src, load, save) == b"weights"
+        assert weights_cache.load_cached("t2s", src, load, save) == b"weights"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("unreadable" in w for w in warnings) and any("cannot write the cache index" in w for w in warnings)
     assert len(list(cache.glob("t2s-*.safetensors"))) == 1  # entries are still cached
@@ -84,8 +84,8 @@ def test_unusable_cache_folder_reads_the_source(tmp_path, monkeypatch, caplog):
     src.write_bytes(b"weights")
     calls: list = []
     load, save = _loader(calls)
-    with caplog.at_level(logging.WARNING, logger="dora_primespeech_mlx.convert"):
-        assert convert.load_cached("t2s", src, load, save) == b"weights"
+    with caplog.at_level(logging.WARNING, logger="dora_primespeech_mlx.weights.cache"):
+        assert weights_cache.load_cached("t2s", src, load, save) == b"weights"
     assert calls == [src]
     assert any(r.levelno == logging.WARNING for r in caplog.records)
 
@@ -94,18 +94,18 @@ def test_replaced_file_with_same_size_and_mtime_is_not_served_stale(cache, tmp_p
     src = tmp_path / "voice.ckpt"
     src.write_bytes(b"weights-AAAA")
     load, save = _loader([])
-    assert convert.load_cached("t2s", src, load, save) == b"weights-AAAA"
+    assert weights_cache.load_cached("t2s", src, load, save) == b"weights-AAAA"
     st = src.stat()
     # same size, same mtime: once written in place, once replaced by a rename (new inode)
     src.write_bytes(b"weights-BBBB")
     os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert src.stat().st_mtime_ns == st.st_mtime_ns and src.stat().st_size == st.st_size
-    assert convert.load_cached("t2s", src, load, save) == b"weights-BBBB"
+    assert weights_cache.load_cached("t2s", src, load, save) == b"weights-BBBB"
     other = tmp_path / "other.ckpt"
     other.write_bytes(b"weights-CCCC")
     os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
     os.replace(other, src)
-    assert convert.load_cached("t2s", src, load, save) == b"weights-CCCC"
+    assert weights_cache.load_cached("t2s", src, load, save) == b"weights-CCCC"
 
 
 def test_stale_stamp_is_caught_by_the_sampled_digest(cache, tmp_path):
@@ -113,33 +113,33 @@ def test_stale_stamp_is_caught_by_the_sampled_digest(cache, tmp_path):
     src = tmp_path / "voice.ckpt"
     src.write_bytes(b"x" * 100_000)
     load, save = _loader([])
-    convert.load_cached("t2s", src, load, save)
-    index_path = cache / convert.INDEX_NAME
+    weights_cache.load_cached("t2s", src, load, save)
+    index_path = cache / weights_cache.INDEX_NAME
     src.write_bytes(b"y" * 100_000)
     index = json.loads(index_path.read_text())
     entry = index[str(src.resolve())]
-    entry["stamp"] = convert._stamp(src.stat())  # pretend the stamp did not change ...
+    entry["stamp"] = weights_cache._stamp(src.stat())  # pretend the stamp did not change ...
     entry["hashed_at_ns"] = time.time_ns() + 10**10  # ... and the hash is not racy
     index_path.write_text(json.dumps(index))
-    assert convert.load_cached("t2s", src, load, save) == b"y" * 100_000
+    assert weights_cache.load_cached("t2s", src, load, save) == b"y" * 100_000
 
 
 def test_racy_stamp_is_hashed_again(cache, tmp_path, monkeypatch):
     src = tmp_path / "voice.ckpt"
     src.write_bytes(b"weights")
     load, save = _loader([])
-    convert.load_cached("t2s", src, load, save)
+    weights_cache.load_cached("t2s", src, load, save)
     hashed = []
-    real = convert._sha256
-    monkeypatch.setattr(convert, "_sha256", lambda p: hashed.append(p) or real(p))
-    convert.file_digest(src)  # just written and hashed: within the racy window, hashed again
+    real = weights_cache._sha256
+    monkeypatch.setattr(weights_cache, "_sha256", lambda p: hashed.append(p) or real(p))
+    weights_cache.file_digest(src)  # just written and hashed: within the racy window, hashed again
     assert hashed
-    index_path = cache / convert.INDEX_NAME
+    index_path = cache / weights_cache.INDEX_NAME
     index = json.loads(index_path.read_text())
     index[str(src.resolve())]["hashed_at_ns"] += 10**10
     index_path.write_text(json.dumps(index))
     hashed.clear()
-    convert.file_digest(src)
+    weights_cache.file_digest(src)
     assert not hashed  # an old stamp with a matching sample is reused
 
 
@@ -154,18 +154,18 @@ def test_source_edited_during_conversion_is_not_cached(cache, tmp_path, caplog):
             src.write_bytes(b"weights-v2")
         return data
 
-    with caplog.at_level(logging.WARNING, logger="dora_primespeech_mlx.convert"):
-        convert.load_cached("t2s", src, load_then_edit, save)
+    with caplog.at_level(logging.WARNING, logger="dora_primespeech_mlx.weights.cache"):
+        weights_cache.load_cached("t2s", src, load_then_edit, save)
     assert not list(cache.glob("t2s-*.safetensors"))
     assert any("changed while it was converted" in r.getMessage() for r in caplog.records)
-    assert convert.load_cached("t2s", src, load, save) == b"weights-v2"
+    assert weights_cache.load_cached("t2s", src, load, save) == b"weights-v2"
 
 
 _WORKER = r"""
 import sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from dora_primespeech_mlx import convert
+from dora_primespeech_mlx.weights import cache as weights_cache
 src, log, delay = Path(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4])
 
 def load(path):
@@ -184,7 +184,7 @@ def save(model, path):
         time.sleep(delay)  # a slow conversion: the other process must wait, not read a partial file
         fh.write(model)
 
-print(convert.load_cached("t2s", src, load, save).decode())
+print(weights_cache.load_cached("t2s", src, load, save).decode())
 """
 
 
@@ -222,6 +222,6 @@ def test_a_killed_converter_leaves_no_entry_and_no_held_lock(cache, tmp_path):
     assert not list(cache.glob("t2s-*.safetensors"))
     load, save = _loader([])
     t0 = time.monotonic()
-    assert convert.load_cached("t2s", src, load, save) == b"weights"  # the lock died with its holder
+    assert weights_cache.load_cached("t2s", src, load, save) == b"weights"  # the lock died with its holder
     assert time.monotonic() - t0 < 10
     assert len(list(cache.glob("t2s-*.safetensors"))) == 1

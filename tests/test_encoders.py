@@ -24,7 +24,7 @@ from dora_primespeech_mlx.audio import (
     load_reference_audio,
     reference_features,
 )
-from dora_primespeech_mlx.checkpoint import CheckpointError, load_hf_weights
+from dora_primespeech_mlx.weights import CheckpointError, load_hf_weights
 from dora_primespeech_mlx.models.bert import BertConfig, BertEncoderModel, load_bert, load_tokenizer
 from dora_primespeech_mlx.models.hubert import HubertModel, load_hubert
 

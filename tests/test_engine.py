@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 
-from dora_primespeech_mlx.checkpoint import CheckpointError
+from dora_primespeech_mlx.weights import CheckpointError
 from dora_primespeech_mlx.engine import Engine, SynthesisCancelled, length_guard
 from dora_primespeech_mlx.options import SynthesisOptions
 from dora_primespeech_mlx.voices import VoiceRegistry

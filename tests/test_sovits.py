@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from dora_primespeech_mlx.checkpoint import CheckpointError, fuse_weight_norm, read_torch_file
+from dora_primespeech_mlx.weights import CheckpointError, fuse_weight_norm, read_torch_file
 from dora_primespeech_mlx.models.sovits import (
     SAFETENSORS_FORMAT,
     SoVITS,
@@ -333,10 +333,11 @@ def test_cache_with_a_missing_tensor_is_refused(cache_file, tmp_path):
 
 def test_convert_once_cache(fixtures, model, tmp_path, monkeypatch):
     from dora_primespeech_mlx import convert
+    from dora_primespeech_mlx.weights import cache as weights_cache
 
     monkeypatch.setenv("DORA_PRIMESPEECH_MLX_CACHE", str(tmp_path))
     first = convert.load_sovits_cached(fixtures.sovits_path)
-    entry = convert.cache_path("sovits", fixtures.sovits_path)
+    entry = weights_cache.cache_path("sovits", fixtures.sovits_path)
     assert entry.is_file()
     # the second load must come from the entry: reading the .pth again would fail
     import dora_primespeech_mlx.models.sovits as sovits_module

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from dora_primespeech_mlx.checkpoint import CheckpointError, read_torch_file
+from dora_primespeech_mlx.weights import CheckpointError, read_torch_file
 from dora_primespeech_mlx.models.cache import ConcatKVCache, KVCache
 from dora_primespeech_mlx.models.sample_utils import (
     apply_repetition_penalty,

@@ -18,8 +18,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..checkpoint import CheckpointError, check_float, check_int, read_json_config
-from ..convert import load_hf_weights_cached
+from ..weights import CheckpointError, check_float, check_int, read_json_config
+from ..weights.cache import load_hf_weights_cached
 
 logger = logging.getLogger(__name__)
 

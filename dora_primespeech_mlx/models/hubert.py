@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..checkpoint import (
+from ..weights import (
     CheckpointError,
     check_float,
     check_int,
@@ -27,7 +27,7 @@ from ..checkpoint import (
     normalize_weight_norm_names,
     read_json_config,
 )
-from ..convert import load_hf_weights_cached
+from ..weights.cache import load_hf_weights_cached
 
 logger = logging.getLogger(__name__)
 

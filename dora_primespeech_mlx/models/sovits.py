@@ -29,7 +29,7 @@ import numpy as np
 from mlx import nn
 from mlx.utils import tree_flatten
 
-from ..checkpoint import (
+from ..weights import (
     CheckpointError,
     check_int,
     check_int_list,

@@ -47,7 +47,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..checkpoint import (
+from ..weights import (
     CheckpointError,
     check_float,
     check_int,

@@ -1,4 +1,4 @@
-"""Torch-free writers of the checkpoint formats that `checkpoint.py` reads.
+"""Torch-free writers of the checkpoint formats that the readers of this package read.
 
 `write_torch_file` writes what `torch.save` writes (zip format, pickle protocol 2): a zip whose
 `<folder>/data.pkl` pickle names `torch._utils._rebuild_tensor_v2` and `torch.<T>Storage` and
@@ -33,7 +33,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from .checkpoint import VERSION_TAGS, HParams
+from .common import VERSION_TAGS, HParams
 
 __all__ = [
     "STORAGE_ALIGNMENT",

@@ -16,9 +16,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..weights import CheckpointError, to_plain
+from ..weights import CheckpointError, read_json_config, to_plain
 
-__all__ = ["ModelConfig", "load_strict"]
+__all__ = ["ModelConfig", "load_strict", "read_hf_config"]
 
 C = TypeVar("C", bound="ModelConfig")
 
@@ -42,6 +42,16 @@ class ModelConfig:
             raise ValueError(f"{cls.__name__}: expected a mapping, found {type(section).__name__}")
         names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
         return cls(**{k: v for k, v in section.items() if k in names})
+
+
+def read_hf_config(folder: Path, cls: type[C]) -> C:
+    """`cls` from an HF folder's config.json; a bad file is a CheckpointError naming it."""
+    path = Path(folder) / "config.json"
+    config = read_json_config(path)  # FileNotFoundError / CheckpointError naming the file
+    try:
+        return cls.from_dict(config)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: {exc}; restore the original config.json") from None
 
 
 def _listing(keys: list[str]) -> str:

@@ -10,7 +10,7 @@ Tokenisation uses the `tokenizers` library (tokenizer.json, or vocab.txt), never
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -18,8 +18,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..weights import CheckpointError, check_float, check_int, read_json_config
+from ..weights import check_float, check_int
 from ..weights.cache import load_hf_weights_cached
+from .base import ModelConfig, load_strict, read_hf_config
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ __all__ = ["BertConfig", "BertEncoderModel", "load_bert", "load_tokenizer"]
 
 
 @dataclass
-class BertConfig:
+class BertConfig(ModelConfig):
     """The fields of an HF `BertConfig` (config.json) that inference needs; defaults are RoBERTa-wwm-ext-large."""
 
     vocab_size: int = 21128
@@ -40,14 +41,6 @@ class BertConfig:
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     position_embedding_type: str = "absolute"
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "BertConfig":
-        """Build from a config.json dict, ignoring keys inference does not use."""
-        if not isinstance(d, dict):
-            raise ValueError(f"BERT config.json: expected a JSON object, found {type(d).__name__}")
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
     def __post_init__(self) -> None:
         # sane ranges (chinese-roberta-wwm-ext-large: 21128 x 1024, 24 layers): nothing is sized by a hostile config
@@ -278,17 +271,6 @@ def load_tokenizer(folder: str | Path):
                             "folder from the PrimeSpeech download into place")
 
 
-def _to_mlx(weights: dict[str, np.ndarray], dtype: mx.Dtype) -> list[tuple[str, mx.array]]:
-    """numpy -> MLX tensor by tensor, each evaluated and its numpy source dropped at once, so loading
-    never holds two full copies of the 1.3 GB model (the peak memory of three nodes starting together)."""
-    out = []
-    for key in list(weights):
-        value = mx.array(weights.pop(key)).astype(dtype)
-        mx.eval(value)
-        out.append((key, value))
-    return out
-
-
 def load_bert(folder: str | Path, *, dtype: mx.Dtype = mx.float32) -> BertEncoderModel:
     """Load chinese-roberta-wwm-ext-large from an HF folder (`model.safetensors` or `pytorch_model.bin`, no torch).
 
@@ -298,23 +280,13 @@ def load_bert(folder: str | Path, *, dtype: mx.Dtype = mx.float32) -> BertEncode
     returned as float32; error bound in tests/test_precision.py).
     """
     folder = Path(folder)
-    path = folder / "config.json"
-    config = read_json_config(path)  # FileNotFoundError / CheckpointError naming the file
-    try:
-        cfg = BertConfig.from_dict(config)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: {exc}; restore the original config.json") from None
+    cfg = read_hf_config(folder, BertConfig)
     model = BertEncoderModel(cfg, load_tokenizer(folder))
     weights = model.sanitize(load_hf_weights_cached(folder))
-    try:
-        model.load_weights(_to_mlx(weights, dtype), strict=True)
-    except ValueError as exc:
-        raise CheckpointError(
-            f"{folder}: the BERT weights do not match config.json ({exc}); use the chinese-roberta-wwm-ext-large "
-            "folder from the PrimeSpeech download"
-        ) from None
-    del weights
+    # tensor by tensor, each numpy source dropped at once: loading never holds two copies of the 1.3 GB
+    # model (the peak memory of three nodes starting together)
+    load_strict(model, weights, folder, what="BERT", dtype=dtype,
+                hint="use the chinese-roberta-wwm-ext-large folder from the PrimeSpeech download")
     model.eval()
-    mx.eval(model.parameters())
     logger.info("loaded BERT from %s", folder)
     return model

@@ -10,7 +10,7 @@ fuses the positional convolution's weight norm, transposes convolutions and drop
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -25,9 +25,9 @@ from ..weights import (
     check_state_dict,
     fuse_weight_norm,
     normalize_weight_norm_names,
-    read_json_config,
 )
 from ..weights.cache import load_hf_weights_cached
+from .base import ModelConfig, load_strict, read_hf_config
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ __all__ = ["HubertConfig", "HubertModel", "load_hubert"]
 
 
 @dataclass
-class HubertConfig:
+class HubertConfig(ModelConfig):
     """The fields of an HF `HubertConfig` (config.json) that inference needs; defaults are HuBERT-base."""
 
     conv_dim: list[int] = field(default_factory=lambda: [512] * 7)
@@ -54,14 +54,6 @@ class HubertConfig:
     num_conv_pos_embeddings: int = 128
     num_conv_pos_embedding_groups: int = 16
     do_stable_layer_norm: bool = False
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "HubertConfig":
-        """Build from a config.json dict, ignoring keys inference does not use."""
-        if not isinstance(d, dict):
-            raise ValueError(f"HuBERT config.json: expected a JSON object, found {type(d).__name__}")
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
     def __post_init__(self) -> None:
         # sane ranges (chinese-hubert-base: 7 x 512 convs, 768 x 12 layers): nothing is sized by a hostile config
@@ -312,45 +304,19 @@ class HubertModel(nn.Module):
         return {key: np.ascontiguousarray(value, dtype=np.float32) for key, value in out.items()}
 
 
-def _read_config(folder: Path, cls):
-    path = folder / "config.json"
-    config = read_json_config(path)  # FileNotFoundError / CheckpointError naming the file
-    try:
-        return cls.from_dict(config)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: {exc}; restore the original config.json") from None
-
-
-def _to_mlx(weights: dict[str, np.ndarray]) -> list[tuple[str, mx.array]]:
-    """numpy -> MLX tensor by tensor, dropping each numpy source at once (lower peak memory)."""
-    out = []
-    for key in list(weights):
-        value = mx.array(weights.pop(key))
-        mx.eval(value)
-        out.append((key, value))
-    return out
-
-
 def load_hubert(folder: str | Path) -> HubertModel:
     """Load chinese-hubert-base from an HF folder (`model.safetensors` or `pytorch_model.bin`, no torch).
 
     Every model parameter must come from the file (strict load); fp32 compute.
     """
     folder = Path(folder)
-    cfg = _read_config(folder, HubertConfig)
+    cfg = read_hf_config(folder, HubertConfig)
     model = HubertModel(cfg)
     weights = load_hf_weights_cached(folder)
     cfg.check_weights(weights, folder)
     weights = model.sanitize(weights)
-    n_tensors = len(weights)
-    try:
-        model.load_weights(_to_mlx(weights), strict=True)
-    except ValueError as exc:
-        raise CheckpointError(
-            f"{folder}: the HuBERT weights do not match config.json ({exc}); use the chinese-hubert-base "
-            "folder from the PrimeSpeech download"
-        ) from None
+    n_tensors = load_strict(model, weights, folder, what="HuBERT",
+                            hint="use the chinese-hubert-base folder from the PrimeSpeech download")
     model.eval()
-    mx.eval(model.parameters())
     logger.info("loaded HuBERT from %s (%d tensors)", folder, n_tensors)
     return model

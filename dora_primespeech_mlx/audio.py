@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .constants import HUBERT_RATE, SAMPLE_RATE
+
 if TYPE_CHECKING:
     from .models.hubert import HubertModel
     from .models.sovits import SoVITS
@@ -26,12 +28,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["ReferenceAudio", "load_audio", "load_reference_audio", "reference_features",
-           "HUBERT_RATE", "SOVITS_RATE", "HUBERT_PAD_SAMPLES", "MIN_REF_SECONDS", "MAX_REF_SECONDS"]
+           "HUBERT_PAD_SAMPLES", "MIN_REF_SECONDS", "MAX_REF_SECONDS"]
 
-HUBERT_RATE = 16000
-SOVITS_RATE = 32000
 # upstream pads int(sampling_rate * 0.3) zeros with the 32 kHz SoVITS rate, at 16 kHz: 0.6 s
-HUBERT_PAD_SAMPLES = int(SOVITS_RATE * 0.3)
+HUBERT_PAD_SAMPLES = int(SAMPLE_RATE * 0.3)
 MIN_REF_SECONDS = 3.0
 MAX_REF_SECONDS = 10.0
 
@@ -106,7 +106,7 @@ def load_reference_audio(path: str | Path) -> ReferenceAudio:
             f"{MIN_REF_SECONDS:g}-{MAX_REF_SECONDS:g} s. Trim or replace the reference clip."
         )
     padded = np.concatenate([wav16k, np.zeros(HUBERT_PAD_SAMPLES, np.float32)])
-    wav32k = load_audio(path, SOVITS_RATE)
+    wav32k = load_audio(path, SAMPLE_RATE)
     peak = float(np.abs(wav32k).max())
     if peak > 1.0:  # as TTS._get_ref_spec: tame clipping without fully normalising
         wav32k = wav32k / min(2.0, peak)

@@ -22,8 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .weights import (CheckpointError, check_state_dict, load_hf_weights, plain_config, read_json_config,
-                         read_torch_file, short_repr)
+from .weights import (
+    CheckpointError,
+    check_state_dict,
+    load_hf_weights,
+    plain_config,
+    read_json_config,
+    read_torch_file,
+    short_repr,
+)
 
 
 def _summarise_state(state: dict) -> dict:

@@ -35,9 +35,20 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 
+from .constants import DEFAULT_MODEL_DIR, PRECISIONS
 from .options import AudioChunk, NothingToSpeak, SynthesisCancelled, SynthesisOptions
-from .voices import (SUPPORTED_LANGS, CharacterTable, Voice, VoiceRegistry, expand_path, find_characters_file,
-                     known_names, payload_file, resolve_voice, shorten)
+from .voices import (
+    SUPPORTED_LANGS,
+    CharacterTable,
+    Voice,
+    VoiceRegistry,
+    expand_path,
+    find_characters_file,
+    known_names,
+    payload_file,
+    resolve_voice,
+    shorten,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +65,7 @@ UNNEEDED_ENV = ("USE_GPU", "DEVICE", "NUM_THREADS", "BATCH_SIZE", "TEXT_SPLIT_ME
                 "HUBERT_WEIGHTS", "VITS_ONNX_PATH", "VITS_PRETRAINED_BASE", "CODES_PATH", "USE_MLX_VITS",
                 "SYNTHESIS_TIMEOUT_SECS", "FRAGMENT_MIN_CHARS", "RUST_LOG")
 UNSUPPORTED_LANGS = ("ja", "ko", "yue", "auto_yue", "all_ja", "all_ko", "all_yue")
-PRECISION_CHOICES = ("fp32", "fp16", "bf16", "int8")
+
 SLOW_SEND_S = 0.05  # a Dora send slower than this is logged (DEBUG)  # models.t2s.PRECISIONS, without importing MLX
 SEED_MAX = 2**32 - 1  # GPT-SoVITS's seed range; -1 means a fresh random seed per request, as there
 NO_PHONES_SILENCE_S = 0.2  # silent audio for a text with characters but nothing to speak
@@ -103,7 +114,7 @@ class NodeConfig:
 
     voice_name: str = "Doubao"  # VOICE_NAME, else VOICE_CHARACTER (mofa-fm's Rust node), else Doubao
     voice_source: str = "default"  # which of them: "VOICE_NAME" | "VOICE_CHARACTER" | "default"
-    model_dir: Path = Path("~/.dora/models/primespeech").expanduser()
+    model_dir: Path = Path(DEFAULT_MODEL_DIR).expanduser()
     voices_config: Path | None = None  # VOICES_CONFIG: dora-gpt-sovits-mlx's voices.json (characters)
     ref_audio: Path | None = None  # REF_AUDIO: the startup voice's reference clip
     ref_text: str | None = None  # REF_TEXT: its transcript (PROMPT_TEXT wins when both are set)
@@ -168,7 +179,7 @@ class NodeConfig:
         ignored = [name for name in UNNEEDED_ENV if name in env]
         if ignored:  # one line: mofa's YAMLs set many of them
             notes.append(f"not needed by dora-primespeech-mlx, ignored: {', '.join(ignored)}")
-        model_dir = expand_path(env.get("PRIMESPEECH_MODEL_DIR") or "~/.dora/models/primespeech")
+        model_dir = expand_path(env.get("PRIMESPEECH_MODEL_DIR") or DEFAULT_MODEL_DIR)
         voice_name, character = (env.get("VOICE_NAME") or "").strip(), (env.get("VOICE_CHARACTER") or "").strip()
         if voice_name and character:
             notes.append(f"VOICE_NAME={voice_name!r} and VOICE_CHARACTER={character!r} are both set; "
@@ -188,8 +199,8 @@ class NodeConfig:
             ref_text=ref_text,
             allowed_voice_dirs=allowed_dirs,
             use_ane=get("USE_ANE", parse_bool, False),
-            precision=get("PRECISION", str.lower, "fp32", lambda v: v in PRECISION_CHOICES,
-                          f"use one of {', '.join(PRECISION_CHOICES)}"),
+            precision=get("PRECISION", str.lower, "fp32", lambda v: v in PRECISIONS,
+                          f"use one of {', '.join(PRECISIONS)}"),
             text_lang=text_lang,
             prompt_text=prompt_text,
             speed_factor=get("SPEED_FACTOR", finite, None, lambda v: 0.25 <= v <= 4.0, "use 0.25-4.0"),

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SAMPLE_RATE = 32000
+from .constants import SAMPLE_RATE
 
 
 class SynthesisCancelled(Exception):

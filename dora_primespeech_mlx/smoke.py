@@ -36,9 +36,10 @@ from typing import Any
 
 import numpy as np
 
+from .constants import cache_home
+from .voices import BUILTIN_FILE, CUSTOM_BASE_VOICE, _entries, _voice_from_entry, read_json_file
 from .weights import HParams
 from .weights.writer import write_hf_folder, write_torch_file, write_wordpiece_tokenizer
-from .voices import BUILTIN_FILE, CUSTOM_BASE_VOICE, _entries, _voice_from_entry, read_json_file
 
 logger = logging.getLogger(__name__)
 
@@ -560,14 +561,9 @@ def build_smoke_model_dir(out: str | os.PathLike, seed: int = 0, *, link_all_voi
     return out
 
 
-def cache_root() -> Path:
-    root = os.environ.get("DORA_PRIMESPEECH_MLX_CACHE") or "~/.cache/dora-primespeech-mlx"
-    return Path(os.path.expandvars(os.path.expanduser(root)))
-
-
 def smoke_cache_dir(seed: int = 0) -> Path:
     """Where `ensure_smoke_model_dir(seed)` keeps the smoke voice."""
-    return cache_root() / f"smoke-v{SMOKE_FORMAT_VERSION}-seed{seed}"
+    return cache_home() / f"smoke-v{SMOKE_FORMAT_VERSION}-seed{seed}"
 
 
 @contextmanager

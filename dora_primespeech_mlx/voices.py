@@ -30,13 +30,14 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 BUILTIN_FILE = Path(__file__).resolve().parent / "_data" / "voices" / "builtin.json"
-DEFAULT_MODEL_DIR = "~/.dora/models/primespeech"
+from .constants import DEFAULT_MODEL_DIR
+
 SUPPORTED_LANGS = ("zh", "en", "auto", "all_zh")
 # VOICE:CUSTOM clones on the Doubao weights, as dora-primespeech does
 CUSTOM_BASE_VOICE = "Doubao"
 USER_VOICES_FILE = "voices-mlx.json"  # our user voices; the name voices.json belongs to dora-gpt-sovits-mlx
 CHARACTERS_FILE = "voices.json"
-DEFAULT_CHARACTERS_PATH = "~/.dora/models/primespeech/voices.json"  # where dora-gpt-sovits-mlx looks
+DEFAULT_CHARACTERS_PATH = DEFAULT_MODEL_DIR + "/voices.json"  # where dora-gpt-sovits-mlx looks
 CHARACTER_SPEED = 1.0  # dora-gpt-sovits-mlx's speed for a character without speed_factor
 PAYLOAD_SPEED = 1.1  # VOICE:CUSTOM (dora-primespeech) and VOICE:TRAINED (Moxin-Voice)
 SPEED_RANGE = (0.25, 4.0)

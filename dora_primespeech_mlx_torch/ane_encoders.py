@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dora_primespeech_mlx.weights import (CheckpointError, fuse_weight_norm, load_hf_weights,
-                                             normalize_weight_norm_names)
+from dora_primespeech_mlx.weights import CheckpointError, fuse_weight_norm, load_hf_weights, normalize_weight_norm_names
 
 MASK_BIAS = -1e4  # fp16-safe "minus infinity": exp underflows to exactly 0 after the max shift
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dora_primespeech_mlx.constants import HUBERT_RATE
 from dora_primespeech_mlx.coreml import spec
 from dora_primespeech_mlx_torch.ane_encoders import build_bert, build_hubert
 
@@ -53,7 +54,7 @@ def convert_hubert(folder: Path, seconds: list[int]):
     import coremltools as ct
 
     model = build_hubert(folder)
-    lengths = sorted(int(s * spec.HUBERT_SAMPLE_RATE) for s in seconds)
+    lengths = sorted(int(s * HUBERT_RATE) for s in seconds)
     example = (torch.zeros(1, 1, 1, lengths[0]), torch.tensor([lengths[0]], dtype=torch.int32))
     shapes = ct.EnumeratedShapes(shapes=[(1, 1, 1, n) for n in lengths], default=(1, 1, 1, lengths[0]))
     inputs = [ct.TensorType(name=spec.HUBERT_INPUT, shape=shapes, dtype=np.float16),

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dora_primespeech_mlx.coreml import convert_coreml, default_coreml_dir, moyoyo_dir, spec
-from dora_primespeech_mlx.coreml import runtime
+from dora_primespeech_mlx.constants import HUBERT_RATE
+from dora_primespeech_mlx.coreml import convert_coreml, default_coreml_dir, moyoyo_dir, runtime, spec
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS = ROOT / "tools" / "oracle" / "refs_coreml.py"
@@ -77,7 +77,7 @@ def test_conversion_writes_packages_and_manifest(converted, fixtures):
     assert (out / spec.BERT_PACKAGE / "Manifest.json").is_file()
     assert json.loads((out / spec.MANIFEST).read_text()) == manifest
     assert manifest["format"] == spec.FORMAT
-    lengths = [s * spec.HUBERT_SAMPLE_RATE for s in TEST_HUBERT_SECONDS]
+    lengths = [s * HUBERT_RATE for s in TEST_HUBERT_SECONDS]
     assert manifest["hubert"]["lengths"] == lengths
     assert manifest["hubert"]["frames"] == [spec.hubert_frames(n) for n in lengths]
     assert manifest["bert"]["lengths"] == list(TEST_BERT_LENGTHS)
@@ -97,7 +97,7 @@ def test_package_specs(described):
         assert set(d["blob_weight_dtypes"]) == {"FLOAT16"}, d["blob_weight_dtypes"]
         # the ANE form: native einsum attention, no generic matmul/5-D transposes
         assert "matmul" not in d["ops"] and "linear" not in d["ops"]
-    lengths = [s * spec.HUBERT_SAMPLE_RATE for s in TEST_HUBERT_SECONDS]
+    lengths = [s * HUBERT_RATE for s in TEST_HUBERT_SECONDS]
     x = hub["inputs"][spec.HUBERT_INPUT]
     assert x["dtype"] == "FLOAT16" and x["shape"] == [1, 1, 1, lengths[0]]  # default: the smallest bucket
     assert x["flexibility"] == "enumeratedShapes" and x["enumerated"] == [[1, 1, 1, n] for n in lengths]

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from ..constants import cache_home
 from . import spec
 
 logger = logging.getLogger(__name__)
@@ -42,9 +43,8 @@ def default_coreml_dir(model_dir: str | Path) -> Path:
     A cache folder rather than the model folder, which may be read-only or shared; the key is the
     resolved path, so two model folders never share packages.
     """
-    root = Path(os.environ.get("DORA_PRIMESPEECH_MLX_CACHE") or Path.home() / ".cache" / "dora-primespeech-mlx")
     key = hashlib.sha256(str(moyoyo_dir(model_dir).resolve()).encode()).hexdigest()[:16]
-    return root.expanduser() / "coreml" / key
+    return cache_home() / "coreml" / key
 
 
 def convert_coreml(model_dir: str | Path, out_dir: str | Path | None = None, *,

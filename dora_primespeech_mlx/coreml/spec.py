@@ -23,7 +23,6 @@ HUBERT_PACKAGE = "hubert.mlpackage"
 BERT_PACKAGE = "bert.mlpackage"
 
 # HuBERT: raw 16 kHz waveform (already padded with GPT-SoVITS's 0.6 s of zeros) -> last hidden state.
-HUBERT_SAMPLE_RATE = 16000
 HUBERT_INPUT = "input_values"  # (1, 1, 1, N) float16, N one of the buckets
 HUBERT_LENGTH = "num_samples"  # (1,) int32: how many leading samples are real
 HUBERT_OUTPUT = "last_hidden_state"  # (1, 768, 1, T_bucket) float16, channels first

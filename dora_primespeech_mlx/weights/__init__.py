@@ -9,8 +9,13 @@ models or the application; models import from here.
 from .common import MAX_DEPTH, MAX_EXPANDED, VERSION_TAGS, CheckpointError, HParams, short_repr
 from .config import check_float, check_int, check_int_list, plain_config, read_json_config, to_plain
 from .safetensors_io import read_safetensors
-from .state_dict import (check_state_dict, check_weight_norm_pairs, fuse_weight_norm, load_hf_weights,
-                         normalize_weight_norm_names)
+from .state_dict import (
+                         check_state_dict,
+                         check_weight_norm_pairs,
+                         fuse_weight_norm,
+                         load_hf_weights,
+                         normalize_weight_norm_names,
+)
 from .torch_file import TorchCheckpoint, read_torch_file
 
 __all__ = [

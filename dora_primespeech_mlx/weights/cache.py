@@ -43,6 +43,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ..constants import cache_home
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: the atomic renames alone keep the cache correct
@@ -59,8 +61,7 @@ _SAMPLE_BLOCKS, _SAMPLE_SIZE = 16, 64 * 1024
 
 
 def cache_root() -> Path:
-    root = os.environ.get("DORA_PRIMESPEECH_MLX_CACHE") or "~/.cache/dora-primespeech-mlx"
-    return Path(os.path.expandvars(os.path.expanduser(root))) / "converted"
+    return cache_home() / "converted"
 
 
 # ----------------------------------------------------------------------------------------- digests

@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_memory import layout, rss_mb  # noqa: E402
 
 from dora_primespeech_mlx.engine import MAX_PROMPTS, Engine  # noqa: E402
-from dora_primespeech_mlx.node_service import NodeConfig, TTSService  # noqa: E402
+from dora_primespeech_mlx.node_config import NodeConfig  # noqa: E402
+from dora_primespeech_mlx.node_service import TTSService  # noqa: E402
 from dora_primespeech_mlx.smoke import synthetic_reference, write_wav_pcm16  # noqa: E402
 
 TARGET_GROWTH = 0.05

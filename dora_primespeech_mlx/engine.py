@@ -34,23 +34,20 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .options import (SAMPLE_RATE, AudioChunk, NothingToSpeak, SynthesisCancelled, SynthesisOptions,
-                      WrongThreadError)
+from .constants import MAX_DECODE_STEPS
+from .options import SAMPLE_RATE, AudioChunk, NothingToSpeak, SynthesisCancelled, SynthesisOptions, WrongThreadError
+from .text.frontend import request_sentences
 from .voices import Voice, VoiceRegistry
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_FRAGMENT_INTERVAL = 0.07  # s of silence after each sentence (primespeech's batch default)
-UPSTREAM_TOKEN_CAP = 1500  # upstream's hard cap on AR steps (60 s of audio)
 BERT_DIM = 1024
 
 
 __all__ = ["Engine", "AudioResult", "VoicePrompt", "PhoneSentence", "SynthesisCancelled", "WrongThreadError",
            "NothingToSpeak", "length_guard", "describe_backend"]
 
-# longest piece synthesised as one sentence (mofa's TTS_MAX_SEGMENT_LENGTH): longer ones are cut at a
-# space or comma; keeps normalisation linear in the text and every piece inside BERT's 512 positions
-MAX_PIECE_CHARS = 100
 MAX_PROMPTS = 16  # prepared voices kept (VOICE:CUSTOM makes a new one per reference clip)
 
 # a "typical sentence" for warm-up: about 30 Chinese characters (the node's pieces rarely exceed it)
@@ -126,7 +123,7 @@ def length_guard(n_phones: int, cap: int | None, tokens_per_phone: float) -> int
     for real speech and stops babbling long before upstream's 1500-token (60 s) cap.
     """
     guard = max(75, int(np.ceil(tokens_per_phone * n_phones)))
-    return min(cap or UPSTREAM_TOKEN_CAP, guard, UPSTREAM_TOKEN_CAP)
+    return min(cap or MAX_DECODE_STEPS, guard, MAX_DECODE_STEPS)
 
 
 class Engine:
@@ -136,10 +133,10 @@ class Engine:
                  registry: VoiceRegistry | None = None, max_loaded_voices: int = 3,
                  tokens_per_phone: float = 10.0, precision: str = "fp32"):
         """`precision` "fp32" (default, the parity-tested path) or, opt-in, "fp16"/"bf16"/"int8": the
-        GPT in that precision (`models.t2s.apply_precision`) and RoBERTa in fp16; SoVITS and HuBERT
+        GPT in that precision (`models.t2s_precision.apply_precision`) and RoBERTa in fp16; SoVITS and HuBERT
         stay fp32, and HuBERT is unloaded once a voice's prompt codes are made. Bounds:
         tests/test_precision.py; figures: benchmarks/bench_precision.py, bench_debate_memory.py."""
-        from .models.t2s import PRECISIONS
+        from .constants import PRECISIONS
 
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -234,7 +231,7 @@ class Engine:
                 self._models.move_to_end(key)
                 return self._models[key]
             from .convert import load_sovits_cached, load_t2s_cached
-            from .models.t2s import apply_precision
+            from .models.t2s_precision import apply_precision
 
             t0 = time.perf_counter()
             models = (apply_precision(load_t2s_cached(self._require(voice.gpt_weights)), self.precision),
@@ -264,45 +261,8 @@ class Engine:
         """`phone_sentences`, lazily: each sentence's frontend and BERT run only when it is needed,
         so the first sentence's audio does not wait for the rest of a long text."""
         self.check_thread("iter_phone_sentences")
-        for sentence in self._text_sentences(text, language, split=split):
+        for sentence in request_sentences(text, language, split=split):
             yield self._with_bert(sentence)
-
-    @staticmethod
-    def _text_sentences(text: str, language: str, *, split: bool = True, notes: list[str] | None = None) -> Iterator:
-        """The text frontend alone (normalisation, G2P), sentence by sentence.
-
-        With `notes` (a request's text), pieces longer than `MAX_PIECE_CHARS` are cut and a piece the
-        frontend cannot speak (kana, hangul, a number too large to read) is skipped with a note, so
-        the rest is still spoken; without it (a voice's transcript) any failure raises."""
-        from .text.frontend import piece_to_sentence
-        from .text.segment import check_language_mode, cut_long_piece, split_sentences
-
-        check_language_mode(language)
-        try:
-            pieces = split_sentences(text, language) if split else [text]
-        except ValueError as exc:  # only punctuation or blanks
-            if notes is None:
-                raise
-            raise NothingToSpeak(str(exc)) from None
-        if notes is not None:
-            cut = [c for piece in pieces for c in cut_long_piece(piece, MAX_PIECE_CHARS)]
-            if len(cut) > len(pieces):
-                notes.append(f"{len(cut) - len(pieces)} piece(s) longer than {MAX_PIECE_CHARS} characters were cut")
-            pieces = cut
-        for piece in pieces:
-            try:
-                sentence = piece_to_sentence(piece, language)
-            except Exception as exc:  # noqa: BLE001 - one bad sentence must not silence the others
-                if notes is None:
-                    raise
-                notes.append(f"skipped {piece[:40]!r}: {type(exc).__name__}: {str(exc)[:200]}")
-                logger.warning("skipped sentence %r: %s", piece[:40], exc)
-                continue
-            if not sentence.norm_text and split:
-                continue  # upstream drops pieces that normalise to nothing
-            if len(sentence.phone_ids) == 0:
-                continue
-            yield sentence
 
     def _with_bert(self, sentence) -> PhoneSentence:
         """Phone ids + BERT features (RoBERTa for Chinese spans, zeros otherwise) of one sentence."""
@@ -377,7 +337,7 @@ class Engine:
         speed = options.speed if options.speed is not None else voice.speed_factor
         tokens = length_guard(typical_phones, options.max_new_tokens, self.tokens_per_phone)
         if t2s.compile_decode:
-            from .models.t2s import COMPILE_BLOCK
+            from .models.t2s_generate import COMPILE_BLOCK
 
             positions = prompt.prompt_phone_ids.size + prompt.prompt_codes.size + typical_phones + tokens
             spent["t2s_s"] = t2s.warm_up_compiled(
@@ -444,7 +404,7 @@ class Engine:
                 raise SynthesisCancelled()
             t2s, sovits = self.voice_models(voice)
             notes: list[str] = []
-            texts = self._text_sentences(text, language, notes=notes)
+            texts = request_sentences(text, language, notes=notes)
 
             def next_sentence() -> PhoneSentence | None:
                 for sentence in texts:
@@ -460,7 +420,7 @@ class Engine:
             frontend_s = time.perf_counter() - t0
             if upcoming is None:
                 reason = "; ".join(notes) or "no phones after normalisation"
-                raise NothingToSpeak(f"text {text[:60]!r} has nothing to speak ({reason[:400]})")
+                raise NothingToSpeak(f"text {text[:60]!r} has nothing to speak ({reason[:400]})", notes)
             index = -1
             while upcoming is not None:
                 index += 1
@@ -468,9 +428,11 @@ class Engine:
                 seed = None if options.seed is None else options.seed + index
                 decoder = None
                 if streaming:
-                    decoder = sovits.stream_decoder(sentence.phone_ids, ge=prompt.style, speed=speed,
-                                                    noise_scale=options.noise_scale, seed=seed,
-                                                    first_chunk_codes=first_chunk_tokens, chunk_codes=chunk_tokens)
+                    from .models.sovits_stream import SoVITSStreamDecoder
+
+                    decoder = SoVITSStreamDecoder(sovits, sentence.phone_ids, ge=prompt.style, speed=speed,
+                                                  noise_scale=options.noise_scale, seed=seed,
+                                                  first_chunk_codes=first_chunk_tokens, chunk_codes=chunk_tokens)
                 timings = {"frontend_s": frontend_s if index == 0 else 0.0, "t2s_s": 0.0, "sovits_s": 0.0}
                 chunk_index = 0
                 tokens: list[int] = []

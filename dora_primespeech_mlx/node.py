@@ -14,7 +14,8 @@ import logging
 import os
 import sys
 
-from .node_service import NodeConfig, TTSService
+from .node_config import NodeConfig
+from .node_service import TTSService
 
 POLL_SECONDS = 0.02  # how often outputs of the worker are flushed while no input arrives
 

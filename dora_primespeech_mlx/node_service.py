@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import queue
 import re
@@ -29,20 +28,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 
-from .constants import DEFAULT_MODEL_DIR, PRECISIONS
+from .node_config import LOG_LEVELS, NodeConfig
+from .node_payload import TextRequest, arrow_text, is_file, is_speakable, parse_text_payload, valid_unicode
 from .options import AudioChunk, NothingToSpeak, SynthesisCancelled, SynthesisOptions
 from .voices import (
-    SUPPORTED_LANGS,
     CharacterTable,
     Voice,
     VoiceRegistry,
-    expand_path,
     find_characters_file,
     known_names,
     payload_file,
@@ -53,23 +50,9 @@ from .voices import (
 logger = logging.getLogger(__name__)
 
 NODE_NAME = "primespeech-tts"  # the `node` field of log messages, as primespeech writes it
-LOG_LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40}
-# characters that alone make a text unspeakable (primespeech's list; " and ' are ASCII there)
-PUNCTUATION_ONLY = set("。！？.!?,，、；：\"\"''（）【】《》\n\r\t ") | set("“”‘’")
-# env vars that primespeech YAMLs set but this node does not need
-UNNEEDED_ENV = ("USE_GPU", "DEVICE", "NUM_THREADS", "BATCH_SIZE", "TEXT_SPLIT_METHOD", "SPLIT_BUCKET",
-                "ENABLE_INTERNAL_SEGMENTATION", "TTS_MAX_SEGMENT_LENGTH", "TTS_MIN_SEGMENT_LENGTH",
-                "SAMPLE_RATE", "REPOSITORY", "GPT_MODEL_PATH", "SOVITS_MODEL_PATH", "REFERENCE_AUDIO_PATH",
-                # dora-gpt-sovits-mlx's (mofa-fm): its own weight files and switches
-                "GPT_SOVITS_MODEL_DIR", "T2S_WEIGHTS", "BERT_WEIGHTS", "BERT_TOKENIZER", "VITS_WEIGHTS",
-                "HUBERT_WEIGHTS", "VITS_ONNX_PATH", "VITS_PRETRAINED_BASE", "CODES_PATH", "USE_MLX_VITS",
-                "SYNTHESIS_TIMEOUT_SECS", "FRAGMENT_MIN_CHARS", "RUST_LOG")
-UNSUPPORTED_LANGS = ("ja", "ko", "yue", "auto_yue", "all_ja", "all_ko", "all_yue")
 
-SLOW_SEND_S = 0.05  # a Dora send slower than this is logged (DEBUG)  # models.t2s.PRECISIONS, without importing MLX
-SEED_MAX = 2**32 - 1  # GPT-SoVITS's seed range; -1 means a fresh random seed per request, as there
+SLOW_SEND_S = 0.05  # a Dora send slower than this is logged (DEBUG)
 NO_PHONES_SILENCE_S = 0.2  # silent audio for a text with characters but nothing to speak
-_SURROGATES = re.compile("[\ud800-\udfff]")
 
 Send = Callable[[str, pa.Array, dict], None]
 
@@ -87,276 +70,6 @@ class TTSEngine(Protocol):
                           is_cancelled: Callable[[], bool] | None = None) -> Iterator[AudioChunk]: ...
 
     def cancel(self) -> None: ...
-
-
-# ------------------------------------------------------------------------------------ config
-
-
-def parse_allowed_dirs(raw: str | None, notes: list[str]) -> tuple[Path, ...] | None:
-    """ALLOWED_VOICE_DIRS: folders (os.pathsep-separated, `~`/`$VAR` expanded: the operator wrote them)
-    that VOICE:CUSTOM/VOICE:TRAINED files must lie in, links resolved. Unset: any absolute path."""
-    if raw is None or not raw.strip():
-        return None
-    folders = []
-    for part in raw.split(os.pathsep):
-        if not part.strip():
-            continue
-        folder = Path(os.path.realpath(expand_path(part.strip())))
-        if not folder.is_dir():
-            notes.append(f"ALLOWED_VOICE_DIRS: {part.strip()!r} is not a folder; payload files from it are refused")
-        folders.append(folder)
-    return tuple(folders)  # set but naming no folder: every payload file is refused
-
-
-@dataclass(frozen=True)
-class NodeConfig:
-    """Environment, read once (not at import time). Bad values fall back to defaults with a note."""
-
-    voice_name: str = "Doubao"  # VOICE_NAME, else VOICE_CHARACTER (mofa-fm's Rust node), else Doubao
-    voice_source: str = "default"  # which of them: "VOICE_NAME" | "VOICE_CHARACTER" | "default"
-    model_dir: Path = Path(DEFAULT_MODEL_DIR).expanduser()
-    voices_config: Path | None = None  # VOICES_CONFIG: dora-gpt-sovits-mlx's voices.json (characters)
-    ref_audio: Path | None = None  # REF_AUDIO: the startup voice's reference clip
-    ref_text: str | None = None  # REF_TEXT: its transcript (PROMPT_TEXT wins when both are set)
-    allowed_voice_dirs: tuple[Path, ...] | None = None  # ALLOWED_VOICE_DIRS: payload files only from these
-    use_ane: bool = False
-    precision: str = "fp32"  # PRECISION: fp32 (default) | fp16 | bf16 | int8 (opt-in, docs/performance.md)
-    text_lang: str | None = None
-    prompt_text: str | None = None
-    speed_factor: float | None = None
-    fragment_interval: float | None = None
-    return_fragment: bool = False
-    top_k: int = 5
-    top_p: float = 1.0
-    temperature: float = 1.0
-    repetition_penalty: float = 1.35
-    noise_scale: float = 0.5
-    seed: int | None = 233333
-    max_new_tokens: int | None = None
-    log_level: str = "INFO"
-    notes: tuple[str, ...] = ()  # what to log once at startup (bad values, unneeded variables)
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> NodeConfig:
-        env = os.environ if env is None else env
-        notes: list[str] = []
-
-        def get(name: str, parse: Callable[[str], Any], default: Any, check=lambda v: True, hint: str = ""):
-            raw = env.get(name)
-            if raw is None or raw.strip() == "":
-                return default
-            try:
-                value = parse(raw.strip())
-                if not check(value):
-                    raise ValueError
-                return value
-            except (ValueError, TypeError):
-                notes.append(f"{name}={raw!r} is invalid{': ' + hint if hint else ''}; using {default!r}")
-                return default
-
-        def parse_bool(s: str) -> bool:
-            if s.lower() in ("1", "true", "yes", "on"):
-                return True
-            if s.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(s)
-
-        def finite(s: str) -> float:  # "inf" and "nan" parse as floats but mean nothing here
-            value = float(s)
-            if not math.isfinite(value):
-                raise ValueError(s)
-            return value
-
-        def parse_seed(s: str) -> int | None:
-            value = int(s)
-            return None if value == -1 else value  # -1: a random seed per request (GPT-SoVITS's meaning)
-
-        text_lang = get("TEXT_LANG", str.lower, None, lambda v: v in SUPPORTED_LANGS,
-                        f"use one of {', '.join(SUPPORTED_LANGS)} (ja/ko/yue are not supported yet)")
-        if env.get("PROMPT_LANG"):
-            notes.append("PROMPT_LANG is taken from the voice registry; the variable is ignored")
-        level = get("LOG_LEVEL", str.upper, "INFO", lambda v: v in LOG_LEVELS, "use DEBUG, INFO, WARNING or ERROR")
-        ignored = [name for name in UNNEEDED_ENV if name in env]
-        if ignored:  # one line: mofa's YAMLs set many of them
-            notes.append(f"not needed by dora-primespeech-mlx, ignored: {', '.join(ignored)}")
-        model_dir = expand_path(env.get("PRIMESPEECH_MODEL_DIR") or DEFAULT_MODEL_DIR)
-        voice_name, character = (env.get("VOICE_NAME") or "").strip(), (env.get("VOICE_CHARACTER") or "").strip()
-        if voice_name and character:
-            notes.append(f"VOICE_NAME={voice_name!r} and VOICE_CHARACTER={character!r} are both set; "
-                         "VOICE_NAME wins")
-        source = "VOICE_NAME" if voice_name else "VOICE_CHARACTER" if character else "default"
-        prompt_text = env.get("PROMPT_TEXT") or None
-        ref_text = (env.get("REF_TEXT") or "").strip() or None
-        if prompt_text and ref_text and prompt_text.strip() != ref_text:
-            notes.append("PROMPT_TEXT and REF_TEXT are both set; PROMPT_TEXT wins")
-        allowed_dirs = parse_allowed_dirs(env.get("ALLOWED_VOICE_DIRS"), notes)
-        return cls(
-            voice_name=voice_name or character or "Doubao",
-            voice_source=source,
-            model_dir=model_dir,
-            voices_config=expand_path(env["VOICES_CONFIG"]) if (env.get("VOICES_CONFIG") or "").strip() else None,
-            ref_audio=expand_path(env["REF_AUDIO"].strip()) if (env.get("REF_AUDIO") or "").strip() else None,
-            ref_text=ref_text,
-            allowed_voice_dirs=allowed_dirs,
-            use_ane=get("USE_ANE", parse_bool, False),
-            precision=get("PRECISION", str.lower, "fp32", lambda v: v in PRECISIONS,
-                          f"use one of {', '.join(PRECISIONS)}"),
-            text_lang=text_lang,
-            prompt_text=prompt_text,
-            speed_factor=get("SPEED_FACTOR", finite, None, lambda v: 0.25 <= v <= 4.0, "use 0.25-4.0"),
-            fragment_interval=get("FRAGMENT_INTERVAL", finite, None, lambda v: 0 <= v <= 10, "use 0-10 seconds"),
-            return_fragment=get("RETURN_FRAGMENT", parse_bool, False),
-            top_k=get("TOP_K", int, 5, lambda v: v >= 1, "use an integer >= 1"),
-            top_p=get("TOP_P", finite, 1.0, lambda v: 0 < v <= 1, "use (0, 1]"),
-            temperature=get("TEMPERATURE", finite, 1.0, lambda v: v > 0, "use a finite number > 0"),
-            repetition_penalty=get("REPETITION_PENALTY", finite, 1.35, lambda v: v > 0, "use a finite number > 0"),
-            noise_scale=get("NOISE_SCALE", finite, 0.5, lambda v: v >= 0, "use a finite number >= 0"),
-            seed=get("SEED", parse_seed, 233333, lambda v: v is None or 0 <= v <= SEED_MAX,
-                     f"use 0-{SEED_MAX}, or -1 for a random seed per request"),
-            max_new_tokens=get("MAX_NEW_TOKENS", int, None, lambda v: v >= 1, "use an integer >= 1"),
-            log_level=level,
-            notes=tuple(notes),
-        )
-
-    def options_for(self, voice: Voice) -> SynthesisOptions:
-        """Options for one request: the environment wins, else the voice's own language and speed."""
-        return SynthesisOptions(
-            top_k=self.top_k, top_p=self.top_p, temperature=self.temperature,
-            repetition_penalty=self.repetition_penalty, noise_scale=self.noise_scale,
-            speed=self.speed_factor if self.speed_factor is not None else voice.speed_factor,
-            seed=self.seed, fragment_interval=self.fragment_interval,
-            text_lang=self.text_lang or voice.text_lang, max_new_tokens=self.max_new_tokens,
-        )
-
-
-# ----------------------------------------------------------------------------------- payload
-
-
-@dataclass(frozen=True)
-class TextRequest:
-    """A parsed `text` input."""
-
-    text: str
-    voice_id: str | None = None  # VOICE:<id>|...
-    custom: tuple[str, str, str] | None = None  # VOICE:CUSTOM|ref|prompt|lang|... -> (ref, prompt, lang)
-    # VOICE:TRAINED|gpt|sovits|ref|prompt|lang|... (Moxin-Voice) -> (gpt, sovits, ref, prompt, lang)
-    trained: tuple[str, str, str, str, str] | None = None
-    notes: tuple[str, ...] = ()
-
-
-def valid_unicode(text: str) -> str:
-    """`text` with lone surrogates (JSON `\\ud800` escapes, undecodable environment bytes) replaced by
-    U+FFFD, so it encodes as UTF-8 (Arrow and Dora refuse anything else)."""
-    return _SURROGATES.sub("\ufffd", text)
-
-
-def _prompt_text(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    return json.dumps(value, ensure_ascii=False)  # numbers, booleans, lists: as written
-
-
-def arrow_text(value: Any) -> str:
-    """Element 0 of the input as a string, whatever Arrow type arrived; never raises."""
-    try:
-        items = value.to_pylist() if hasattr(value, "to_pylist") else list(value)
-    except Exception:  # noqa: BLE001 - a payload must never crash the node
-        return str(value)
-    if not items:
-        return ""
-    first = items[0]
-    if first is None:
-        return ""
-    if isinstance(first, bytes):
-        return first.decode("utf-8", errors="replace")
-    if isinstance(first, list):  # list<...> payloads: join what is inside
-        return "".join(str(x) for x in first if x is not None)
-    return str(first)
-
-
-def parse_text_payload(raw: str) -> TextRequest:
-    """Unwrap `{"prompt": ...}` JSON and a `VOICE:` prefix. A JSON object without "prompt" is nothing
-    to speak (as upstream); other JSON (numbers, lists, ...) and invalid JSON are plain text."""
-    text = raw
-    stripped = raw.strip()
-    if stripped.startswith("{"):
-        try:  # numbers stay as written: int() refuses more than 4300 digits, and "1.50" stays "1.50"
-            obj = json.loads(stripped, parse_int=str, parse_float=str)
-        except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
-            obj = None
-        if isinstance(obj, dict):
-            text = _prompt_text(obj.get("prompt"))
-    text = valid_unicode(text)
-    if not text.startswith("VOICE:"):
-        return TextRequest(text)
-    head, sep, rest = text[len("VOICE:"):].partition("|")
-    name = head.strip()
-    if not sep:
-        return TextRequest(text, notes=("'VOICE:' prefix without '|': speaking the text as given",))
-    if name == "CUSTOM":
-        parts = rest.split("|", 3)
-        if len(parts) != 4:
-            return TextRequest(text, notes=("VOICE:CUSTOM needs VOICE:CUSTOM|<ref.wav>|<prompt text>|<lang>|<text>; "
-                                            f"got {len(parts) + 1} parts, speaking the text as given",))
-        ref, prompt, lang, body = (p.strip() for p in parts)
-        return TextRequest(body, custom=(ref, prompt, lang.lower()))
-    if name == "TRAINED":
-        parts = rest.split("|", 5)
-        if len(parts) != 6:
-            note = ("VOICE:TRAINED needs VOICE:TRAINED|<gpt.ckpt>|<sovits.pth>|<ref.wav>|<prompt text>|<lang>|<text>; "
-                    f"got {len(parts) + 1} parts, speaking the text as given")
-            return TextRequest(text, notes=(note,))
-        gpt, sovits, ref, prompt, lang, body = (p.strip() for p in parts)
-        return TextRequest(body, trained=(gpt, sovits, ref, prompt, lang.lower()))
-    return TextRequest(rest, voice_id=name)
-
-
-def is_speakable(text: str) -> bool:
-    return any(ch not in PUNCTUATION_ONLY for ch in text.strip())
-
-
-# a character the frontend always reads, per language mode: no need to run the frontend to know
-_SURELY_SPOKEN = {"en": re.compile("[A-Za-z0-9\uff10-\uff19]")}
-_SURELY_SPOKEN_ZH = re.compile("[A-Za-z0-9\uff10-\uff19\u4e00-\u9fff]")
-_SILENT_PHONES = frozenset({"SP", "SP2", "SP3", "UNK"})
-_PHONES_CHECK_CHARS = 2000  # beyond this an unusual text is left to the engine
-
-
-def has_phones(text: str, language: str) -> bool:
-    """Whether `text` yields at least one spoken phone (not only punctuation or pauses) in `language`.
-
-    The frontend runs only when no character is surely read (emoji, symbols, other scripts), on at
-    most the first `_PHONES_CHECK_CHARS` characters; any frontend error answers True so that the
-    engine reports it. Pure Python (no MLX).
-    """
-    if _SURELY_SPOKEN.get(language, _SURELY_SPOKEN_ZH).search(text):
-        return True
-    if len(text) > _PHONES_CHECK_CHARS:
-        return True
-    try:
-        from .text.frontend import piece_to_sentence
-        from .text.segment import split_sentences
-
-        try:
-            pieces = split_sentences(text, language)
-        except ValueError:  # only punctuation or blanks (upstream's 请输入有效文本)
-            return False
-        for piece in pieces:
-            phones = piece_to_sentence(piece, language).phones
-            if any(p not in _SILENT_PHONES and any(c.isalnum() for c in p) for p in phones):
-                return True
-        return False
-    except Exception:  # noqa: BLE001 - the engine says what is wrong with the text
-        return True
-
-
-def _is_file(path: Path) -> bool:
-    try:
-        return path.is_file()
-    except (OSError, ValueError):
-        return False
 
 
 # ----------------------------------------------------------------------------------- service
@@ -518,7 +231,7 @@ class TTSService:
         if source != "default":
             found = resolve_voice(name, registry, self._characters)
             if found is not None and found.voice is not None and found.zero_shot \
-                    and not _is_file(found.voice.reference_audio):
+                    and not is_file(found.voice.reference_audio):
                 self.log("WARNING", f"{source}={name!r}: {found.how}, but its reference clip "
                                     f"{found.voice.reference_audio} does not exist; using 'Doubao'")
             elif found is not None and found.voice is not None:
@@ -532,7 +245,7 @@ class TTSService:
                 how = f"instead of {source}={name!r}"
         prompt_text = self.config.prompt_text
         if self.config.ref_audio is not None:
-            if _is_file(self.config.ref_audio):
+            if is_file(self.config.ref_audio):
                 voice = replace(voice, reference_audio=self.config.ref_audio)
                 how += f"; reference clip from REF_AUDIO={self.config.ref_audio}"
                 prompt_text = prompt_text or self.config.ref_text
@@ -607,7 +320,7 @@ class TTSService:
                 return registry.get(request.voice_id)
             found = resolve_voice(request.voice_id, registry, self._characters)
             if found is not None and found.voice is not None:
-                if found.zero_shot and not _is_file(found.voice.reference_audio):
+                if found.zero_shot and not is_file(found.voice.reference_audio):
                     logger.warning("voice %r: reference clip %s is missing", request.voice_id,
                                    found.voice.reference_audio)
                     raise FileNotFoundError(f"voice {shorten(request.voice_id)!r}: the reference clip its voices "
@@ -719,8 +432,6 @@ class TTSService:
             self._complete("error", job.metadata, session_status="error", error_stage="voice", error=str(exc))
             return None
         options = self.config.options_for(voice)
-        if not has_phones(job.request.text, options.text_lang or voice.text_lang):
-            return self._nothing_to_speak(job)
         self.status("busy")
         streaming = self.config.return_fragment
         pieces: list[np.ndarray] = []
@@ -752,8 +463,8 @@ class TTSService:
                 raise SynthesisCancelled()
         except SynthesisCancelled:
             return self._cancelled(job)
-        except NothingToSpeak as exc:  # e.g. only kana, or every sentence had to be skipped
-            self.log("WARNING", str(exc), job.metadata)
+        except NothingToSpeak as exc:  # emoji or symbols only; or every sentence had to be skipped
+            self.log("WARNING" if exc.notes else "INFO", str(exc), job.metadata)
             return self._nothing_to_speak(job)
         except Exception as exc:  # noqa: BLE001 - one bad request must not kill the node
             if job.cancelled:  # whatever a cancelled synthesis raised on its way out

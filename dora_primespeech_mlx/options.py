@@ -15,7 +15,12 @@ class SynthesisCancelled(Exception):
 
 class NothingToSpeak(ValueError):
     """The text holds nothing the engine can speak (punctuation, emoji, symbols, or only sentences
-    that had to be skipped). Adapters answer it as `empty`, not as an error."""
+    that had to be skipped). Adapters answer it as `empty`, not as an error. `notes` says what was
+    skipped and why (empty when the text simply has no phones)."""
+
+    def __init__(self, message: str, notes: tuple[str, ...] | list[str] = ()):
+        super().__init__(message)
+        self.notes = tuple(notes)
 
 
 class WrongThreadError(RuntimeError):

@@ -14,6 +14,7 @@ import pytest
 
 from dora_primespeech_mlx.weights import CheckpointError
 from dora_primespeech_mlx.engine import Engine, SynthesisCancelled, length_guard
+from dora_primespeech_mlx.models.sovits_stream import SoVITSStreamDecoder
 from dora_primespeech_mlx.options import SynthesisOptions
 from dora_primespeech_mlx.voices import VoiceRegistry
 
@@ -205,8 +206,8 @@ def test_streaming_starts_before_generation_ends_and_matches_whole(engine):
     voice = engine.registry.get("Doubao")
     _, sovits = engine.voice_models(voice)
     (sentence,) = engine.phone_sentences("流式合成的第一句话。", "zh")
-    decoder = sovits.stream_decoder(sentence.phone_ids, ge=engine.prepare_voice(voice).style, speed=1.0,
-                                    noise_scale=options.noise_scale, seed=options.seed)
+    decoder = SoVITSStreamDecoder(sovits, sentence.phone_ids, ge=engine.prepare_voice(voice).style, speed=1.0,
+                                  noise_scale=options.noise_scale, seed=options.seed)
     reference = np.concatenate([decoder.feed(t) for t in tokens_seen] + [decoder.finish()])
     np.testing.assert_array_equal(streamed, reference)
     assert not np.array_equal(streamed, whole)  # the windows really ran
@@ -350,16 +351,18 @@ def test_only_unspeakable_text_is_nothing_to_speak(engine):
             list(engine.synthesize_stream(text, "Doubao", SynthesisOptions(max_new_tokens=2)))
 
 
-def test_long_digit_runs_are_cut_and_stay_fast(engine):
+def test_long_digit_runs_are_cut_and_stay_fast():
     """A run of thousands of digits made the English normaliser run for minutes (quadratic regexes,
     then a number too large to read); pieces are now cut to MAX_PIECE_CHARS first."""
     import time
+
+    from dora_primespeech_mlx.text.frontend import request_sentences
 
     for lang in ("en", "zh"):
         t0 = time.perf_counter()
         sentences = []
         notes: list[str] = []
-        for sentence in engine._text_sentences("1" * 5000, lang, notes=notes):
+        for sentence in request_sentences("1" * 5000, lang, notes=notes):
             sentences.append(sentence)
         assert time.perf_counter() - t0 < 20, lang  # was 83 s for 3000 digits in English
         assert any("cut" in n for n in notes)

@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_node_service import FakeEngine, Sent
 
-from dora_primespeech_mlx.node_service import NodeConfig, TTSService
+from dora_primespeech_mlx.node_config import NodeConfig
+from dora_primespeech_mlx.node_service import TTSService
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "support"))

@@ -16,8 +16,11 @@ from hypothesis import strategies as st
 
 from dora_primespeech_mlx.engine import MAX_PROMPTS
 from dora_primespeech_mlx.node import run
-from dora_primespeech_mlx.node_service import NodeConfig, TTSService, parse_text_payload
+from dora_primespeech_mlx.node_config import NodeConfig
+from dora_primespeech_mlx.node_payload import parse_text_payload
+from dora_primespeech_mlx.node_service import TTSService
 from dora_primespeech_mlx.options import AudioChunk, NothingToSpeak, SynthesisCancelled, WrongThreadError
+from dora_primespeech_mlx.text.frontend import request_sentences
 from dora_primespeech_mlx.voices import VoiceRegistry
 
 
@@ -75,17 +78,18 @@ class FakeEngine:
         self.streaming.append(streaming)
         if self.fail_on and self.fail_on in text:
             raise RuntimeError("boom")
-        if text and all("\u3040" <= c <= "\u30ff" or c in "。" for c in text):  # as the engine: kana only
-            raise NothingToSpeak(f"text {text!r} has nothing to speak (skipped: Japanese kana)")
+        # what is spoken is decided as the engine decides it: the real (pure Python) frontend
+        notes: list[str] = []
+        if not list(request_sentences(text, options.text_lang or voice.text_lang, notes=notes)):
+            raise NothingToSpeak(f"text {text[:60]!r} has nothing to speak ({'; '.join(notes) or 'no phones'})", notes)
         n = max(1, len(text) // 4)
         for i in range(n):
             if self._cancel.is_set() or (is_cancelled is not None and is_cancelled()):
                 raise SynthesisCancelled()
             time.sleep(self.delay)
             t = np.arange(3200) / 32000
-            notes = ("skipped 'x': kana",) if ("\u3042" in text and i == 0) else ()  # the engine's note on a skip
             yield AudioChunk(np.sin(2 * np.pi * 220 * t).astype(np.float32) * 0.1, 32000, 0, i, i == n - 1,
-                             notes=notes)
+                             notes=tuple(notes) if i == 0 else ())
 
     def cancel(self):
         self._cancel.set()
@@ -779,7 +783,8 @@ def test_text_without_phones_gets_a_short_silence_then_empty(model_dir, text, st
         assert (meta["segment_index"], meta["is_final"]) == (0, True)
     assert [d[0].as_py() for d, _ in sent.of("segment_complete")] == ["empty"]
     assert [o for o, _, _ in sent if o in ("audio", "segment_complete")] == ["audio", "segment_complete"]
-    assert engine.calls == []
+    assert [c[0] for c in engine.calls] == [text]  # the engine decides, once; its NothingToSpeak is answered
+    assert sent.logs("WARNING") == [] and any("nothing to speak" in m for m in sent.logs("INFO"))
     service.close()
 
 
@@ -937,7 +942,7 @@ def test_engine_nothing_to_speak_is_silence_then_empty_and_skip_notes_are_logged
     assert meta["question_id"] == 4 and 0 < len(audio[0]) and not np.any(audio[0].values.to_numpy())
     assert [d[0].as_py() for d, _ in sent.of("segment_complete")] == ["empty"]
     assert service.stats["errors"] == 0
-    sent = process(service, "你好。あいう。再见。")
+    sent = process(service, "你好，朋友。ひらがなです。再见了，朋友们。")
     assert [d[0].as_py() for d, _ in sent.of("segment_complete")] == ["completed"]
     warnings = [json.loads(d[0].as_py()) for d, _ in sent.of("log")]
     assert any(w["level"] == "WARNING" and "skipped" in w["message"] for w in warnings)

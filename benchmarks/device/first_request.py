@@ -60,7 +60,7 @@ def main(argv=None) -> int:
 def run(args) -> int:
 
     from dora_primespeech_mlx.engine import Engine
-    from dora_primespeech_mlx.node_service import NodeConfig
+    from dora_primespeech_mlx.node_config import NodeConfig
 
     t0 = time.perf_counter()
     engine = Engine(args.model_dir)

@@ -10,15 +10,24 @@ features (``needs_bert``); English spans get zero features of their phone count.
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+from ..options import NothingToSpeak
 from .english import clean_text_en
-from .segment import check_language_mode, split_languages, split_sentences
+from .segment import check_language_mode, cut_long_piece, split_languages, split_sentences
 from .symbols import cleaned_text_to_sequence
 
-__all__ = ["Segment", "Sentence", "text_to_phone_segments", "piece_to_sentence"]
+__all__ = ["MAX_PIECE_CHARS", "Segment", "Sentence", "piece_to_sentence", "is_spoken_phone", "request_sentences",
+           "text_to_phone_segments"]
 
+logger = logging.getLogger(__name__)
+
+# longest piece synthesised as one sentence (mofa's TTS_MAX_SEGMENT_LENGTH): longer ones are cut at a
+# space or comma; keeps normalisation linear in the text and every piece inside BERT's 512 positions
+MAX_PIECE_CHARS = 100
 _MIN_PHONES = 6  # fewer phones than this make the model unstable: upstream retries with "." + text
 
 
@@ -121,3 +130,47 @@ def text_to_phone_segments(text: str, language: str = "auto", include_space: boo
         if sentence.norm_text:
             out.append(sentence)
     return out
+
+
+def request_sentences(text: str, language: str, *, split: bool = True,
+                      notes: list[str] | None = None) -> Iterator[Sentence]:
+    """The sentences of one text that have phones, lazily: the one place that decides what is spoken.
+
+    With `notes` (a request's text), pieces longer than `MAX_PIECE_CHARS` are cut and a piece the
+    frontend cannot speak (kana, hangul, a number too large to read) is skipped with a note, so the
+    rest is still spoken, and a text of only punctuation raises `NothingToSpeak`; without `notes`
+    (a voice's transcript) any failure raises. Pure Python: the engine adds BERT features.
+    """
+    check_language_mode(language)
+    try:
+        pieces = split_sentences(text, language) if split else [text]
+    except ValueError as exc:  # only punctuation or blanks
+        if notes is None:
+            raise
+        raise NothingToSpeak(str(exc)) from None
+    if notes is not None:
+        cut = [c for piece in pieces for c in cut_long_piece(piece, MAX_PIECE_CHARS)]
+        if len(cut) > len(pieces):
+            notes.append(f"{len(cut) - len(pieces)} piece(s) longer than {MAX_PIECE_CHARS} characters were cut")
+        pieces = cut
+    for piece in pieces:
+        try:
+            sentence = piece_to_sentence(piece, language)
+        except Exception as exc:  # noqa: BLE001 - one bad sentence must not silence the others
+            if notes is None:
+                raise
+            notes.append(f"skipped {piece[:40]!r}: {type(exc).__name__}: {str(exc)[:200]}")
+            logger.warning("skipped sentence %r: %s", piece[:40], exc)
+            continue
+        if not sentence.norm_text and split:
+            continue  # upstream drops pieces that normalise to nothing
+        if any(is_spoken_phone(p) for p in sentence.phones):
+            yield sentence  # pauses and punctuation alone (emoji, symbols, other scripts) are not speech
+
+
+_SILENT_PHONES = frozenset({"SP", "SP2", "SP3", "UNK"})
+
+
+def is_spoken_phone(phone: str) -> bool:
+    """A phone that is speech: not a pause, not unknown, not punctuation."""
+    return phone not in _SILENT_PHONES and any(c.isalnum() for c in phone)

@@ -71,10 +71,6 @@ class G2PWConfig:
     use_char_phoneme: bool = False
 
     @classmethod
-    def from_dict(cls, d: dict) -> G2PWConfig:
-        return cls(**{k: bool(d[k]) for k in ("use_mask", "use_char_phoneme") if k in d})
-
-    @classmethod
     def from_file(cls, path: Path) -> G2PWConfig:
         """Read ``config.py`` without running it: only top-level literal assignments count."""
         try:
@@ -88,7 +84,7 @@ class G2PWConfig:
                     values[node.targets[0].id] = ast.literal_eval(node.value)
                 except ValueError:
                     continue  # upstream executes the file; fields we need are plain literals
-        return cls.from_dict(values)
+        return cls(**{k: bool(values[k]) for k in ("use_mask", "use_char_phoneme") if k in values})
 
 
 # ---------------------------------------------------------------------------------------------

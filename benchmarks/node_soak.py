@@ -46,7 +46,7 @@ def request_plan(clips: list[Path]) -> list[tuple[str, str | None]]:
         ("Hello there my friend.", None),
         ("VOICE:Luo Xiang|你好，朋友。", None),
         *[(f"VOICE:CUSTOM|{clip}|参考文本。|zh|你好。", None) for clip in clips[:1]],
-        ('{"prompt": 1' + "0" * 5000 + "}", None),  # an error: a number too long for json
+        ("VOICE:CUSTOM|clips/relative.wav|参考文本。|zh|你好。", None),  # an error: not an absolute path
         ("😀🎉", None),  # nothing to speak: empty
         ("我们去 park 散步吧。", "stats"),
         ("从前有一座山，山里有一座庙。" * 3, "reset"),  # cancelled
@@ -105,7 +105,7 @@ def main() -> int:
             if control is not None:
                 service.handle_control(pa.array([control]))
             if not service.wait_idle(600):
-                print(f"request {i} did not finish in 600 s", file=sys.stderr)
+                print(f"request {i} ({text[:40]!r}) did not finish in 600 s", file=sys.stderr)
                 return 1
             service.drain(tally)
             seconds.append(time.perf_counter() - t0)

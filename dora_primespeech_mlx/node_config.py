@@ -12,7 +12,7 @@ from typing import Any
 
 from .constants import DEFAULT_MODEL_DIR, PRECISIONS
 from .options import SynthesisOptions
-from .voices import SUPPORTED_LANGS, Voice, expand_path
+from .voices import SUPPORTED_LANGS, expand_path
 
 LOG_LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40}
 # env vars that primespeech YAMLs set but this node does not need
@@ -43,6 +43,9 @@ def parse_allowed_dirs(raw: str | None, notes: list[str]) -> tuple[Path, ...] | 
     return tuple(folders)  # set but naming no folder: every payload file is refused
 
 
+_DEFAULTS = SynthesisOptions()  # the engine's defaults are the node's: one place
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """Environment, read once (not at import time). Bad values fall back to defaults with a note."""
@@ -61,12 +64,12 @@ class NodeConfig:
     speed_factor: float | None = None
     fragment_interval: float | None = None
     return_fragment: bool = False
-    top_k: int = 5
-    top_p: float = 1.0
-    temperature: float = 1.0
-    repetition_penalty: float = 1.35
-    noise_scale: float = 0.5
-    seed: int | None = 233333
+    top_k: int = _DEFAULTS.top_k
+    top_p: float = _DEFAULTS.top_p
+    temperature: float = _DEFAULTS.temperature
+    repetition_penalty: float = _DEFAULTS.repetition_penalty
+    noise_scale: float = _DEFAULTS.noise_scale
+    seed: int | None = _DEFAULTS.seed
     max_new_tokens: int | None = None
     log_level: str = "INFO"
     notes: tuple[str, ...] = ()  # what to log once at startup (bad values, unneeded variables)
@@ -74,6 +77,7 @@ class NodeConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> NodeConfig:
         env = os.environ if env is None else env
+        d = _DEFAULTS
         notes: list[str] = []
 
         def get(name: str, parse: Callable[[str], Any], default: Any, check=lambda v: True, hint: str = ""):
@@ -141,26 +145,28 @@ class NodeConfig:
             speed_factor=get("SPEED_FACTOR", finite, None, lambda v: 0.25 <= v <= 4.0, "use 0.25-4.0"),
             fragment_interval=get("FRAGMENT_INTERVAL", finite, None, lambda v: 0 <= v <= 10, "use 0-10 seconds"),
             return_fragment=get("RETURN_FRAGMENT", parse_bool, False),
-            top_k=get("TOP_K", int, 5, lambda v: v >= 1, "use an integer >= 1"),
-            top_p=get("TOP_P", finite, 1.0, lambda v: 0 < v <= 1, "use (0, 1]"),
-            temperature=get("TEMPERATURE", finite, 1.0, lambda v: v > 0, "use a finite number > 0"),
-            repetition_penalty=get("REPETITION_PENALTY", finite, 1.35, lambda v: v > 0, "use a finite number > 0"),
-            noise_scale=get("NOISE_SCALE", finite, 0.5, lambda v: v >= 0, "use a finite number >= 0"),
-            seed=get("SEED", parse_seed, 233333, lambda v: v is None or 0 <= v <= SEED_MAX,
+            top_k=get("TOP_K", int, d.top_k, lambda v: v >= 1, "use an integer >= 1"),
+            top_p=get("TOP_P", finite, d.top_p, lambda v: 0 < v <= 1, "use (0, 1]"),
+            temperature=get("TEMPERATURE", finite, d.temperature, lambda v: v > 0, "use a finite number > 0"),
+            repetition_penalty=get("REPETITION_PENALTY", finite, d.repetition_penalty, lambda v: v > 0,
+                                   "use a finite number > 0"),
+            noise_scale=get("NOISE_SCALE", finite, d.noise_scale, lambda v: v >= 0, "use a finite number >= 0"),
+            seed=get("SEED", parse_seed, d.seed, lambda v: v is None or 0 <= v <= SEED_MAX,
                      f"use 0-{SEED_MAX}, or -1 for a random seed per request"),
             max_new_tokens=get("MAX_NEW_TOKENS", int, None, lambda v: v >= 1, "use an integer >= 1"),
             log_level=level,
             notes=tuple(notes),
         )
 
-    def options_for(self, voice: Voice) -> SynthesisOptions:
-        """Options for one request: the environment wins, else the voice's own language and speed."""
+    @property
+    def options(self) -> SynthesisOptions:
+        """Every request's options. Unset SPEED_FACTOR / TEXT_LANG / FRAGMENT_INTERVAL stay None: the
+        engine fills them from the voice (the one place option defaults are resolved)."""
         return SynthesisOptions(
             top_k=self.top_k, top_p=self.top_p, temperature=self.temperature,
             repetition_penalty=self.repetition_penalty, noise_scale=self.noise_scale,
-            speed=self.speed_factor if self.speed_factor is not None else voice.speed_factor,
-            seed=self.seed, fragment_interval=self.fragment_interval,
-            text_lang=self.text_lang or voice.text_lang, max_new_tokens=self.max_new_tokens,
+            speed=self.speed_factor, seed=self.seed, fragment_interval=self.fragment_interval,
+            text_lang=self.text_lang, max_new_tokens=self.max_new_tokens,
         )
 
 

@@ -182,7 +182,7 @@ class TTSService:
             self._prepare(voice)
             warm_up = getattr(self.engine, "warm_up", None)  # compiles the GPT step on a GPU
             if warm_up is not None:
-                spent = warm_up(voice, self.config.options_for(voice), streaming=self.config.return_fragment)
+                spent = warm_up(voice, self.config.options, streaming=self.config.return_fragment)
                 if isinstance(spent, dict) and any(spent.values()):
                     self.log("INFO", "warm-up: " + ", ".join(f"{k} {v:.2f}" for k, v in spent.items()))
         except Exception as exc:  # noqa: BLE001 - the node stays alive and reports the cause
@@ -431,7 +431,7 @@ class TTSService:
             self.stats["errors"] += 1
             self._complete("error", job.metadata, session_status="error", error_stage="voice", error=str(exc))
             return None
-        options = self.config.options_for(voice)
+        options = self.config.options
         self.status("busy")
         streaming = self.config.return_fragment
         pieces: list[np.ndarray] = []

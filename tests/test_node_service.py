@@ -19,7 +19,13 @@ from dora_primespeech_mlx.node import run
 from dora_primespeech_mlx.node_config import NodeConfig
 from dora_primespeech_mlx.node_payload import parse_text_payload
 from dora_primespeech_mlx.node_service import TTSService
-from dora_primespeech_mlx.options import AudioChunk, NothingToSpeak, SynthesisCancelled, WrongThreadError
+from dora_primespeech_mlx.options import (
+    AudioChunk,
+    NothingToSpeak,
+    SynthesisCancelled,
+    SynthesisOptions,
+    WrongThreadError,
+)
 from dora_primespeech_mlx.text.frontend import request_sentences
 from dora_primespeech_mlx.voices import VoiceRegistry
 
@@ -169,13 +175,18 @@ def test_config_expands_model_dir(monkeypatch, tmp_path):
     assert NodeConfig.from_env({"PRIMESPEECH_MODEL_DIR": "$MYMODELS/x"}).model_dir == tmp_path / "x"
 
 
-def test_env_overrides_voice_language_and_speed(model_dir):
-    reg = VoiceRegistry(model_dir)
-    maple = reg.get("Maple")
-    assert NodeConfig.from_env({}).options_for(maple).text_lang == "en"
-    assert NodeConfig.from_env({}).options_for(maple).speed == 1.0
+def test_env_overrides_voice_language_and_speed_and_the_engine_fills_the_rest(model_dir):
+    # unset, they stay None for the engine to take from the voice (Maple: English, speed 1.0) ...
+    options = NodeConfig.from_env({}).options
+    assert (options.text_lang, options.speed, options.fragment_interval) == (None, None, None)
+    assert options == SynthesisOptions()  # ... and every other default is the engine's own
     cfg = NodeConfig.from_env({"TEXT_LANG": "zh", "SPEED_FACTOR": "1.3"})
-    assert (cfg.options_for(maple).text_lang, cfg.options_for(maple).speed) == ("zh", 1.3)
+    assert (cfg.options.text_lang, cfg.options.speed) == ("zh", 1.3)
+    service, engine = make_service(model_dir, {"SPEED_FACTOR": "1.3"})
+    process(service, "VOICE:Maple|Hello there my friend.")
+    text, voice_id, sent_options = engine.calls[-1]
+    assert voice_id == "Maple" and sent_options.text_lang is None and sent_options.speed == 1.3
+    service.close()
 
 
 # ----------------------------------------------------------------------------------- parsing
@@ -272,7 +283,8 @@ def test_custom_voice_missing_clip_is_an_error_naming_the_file(model_dir, tmp_pa
     clip.write_bytes(b"RIFF")
     process(service, f"VOICE:CUSTOM|{clip}|参考文本|xx|你好啊朋友")
     text, voice_id, options = engine.calls[-1]
-    assert text == "你好啊朋友" and str(clip) in voice_id and options.text_lang == "auto"
+    assert text == "你好啊朋友" and str(clip) in voice_id and options.text_lang is None
+    assert engine.voices[-1].text_lang == "auto"  # the engine speaks in the voice's language
     service.close()
 
 
@@ -826,7 +838,7 @@ def test_voice_trained_uses_its_own_weights_and_reference(model_dir, tmp_path):
     assert (voice.gpt_weights, voice.sovits_weights, voice.reference_audio) == (
         files["me.ckpt"], files["me.pth"], files["ref.wav"])
     assert (voice.prompt_text, voice.prompt_lang, engine.calls[-1][0]) == ("参考文本", "zh", "你好，世界")
-    assert engine.calls[-1][2].speed == 1.1
+    assert engine.calls[-1][2].speed is None and voice.speed_factor == 1.1  # the engine takes the voice's
     for bad, needle in [
         (f"VOICE:TRAINED|{files['ref.wav']}|{files['me.pth']}|{files['ref.wav']}|p|zh|你好", ".ckpt"),
         (f"VOICE:TRAINED|{tmp_path}/no.ckpt|{files['me.pth']}|{files['ref.wav']}|p|zh|你好", "no.ckpt"),
@@ -920,7 +932,7 @@ def test_non_finite_numbers_fall_back_with_a_note(name, default, raw):
 ])
 def test_seed_values(raw, seed, noted):
     cfg = NodeConfig.from_env({"SEED": raw})
-    assert cfg.seed == seed and cfg.options_for(VoiceRegistry("/m").get("Doubao")).seed == seed
+    assert cfg.seed == seed and cfg.options.seed == seed
     assert any("SEED" in n for n in cfg.notes) == noted
 
 

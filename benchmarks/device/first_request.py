@@ -66,7 +66,7 @@ def run(args) -> int:
     engine = Engine(args.model_dir)
     voice = engine.registry.get(args.voice)
     env = {"MAX_NEW_TOKENS": str(args.max_new_tokens)} if args.max_new_tokens else {}
-    options = NodeConfig.from_env(env).options_for(voice)
+    options = NodeConfig.from_env(env).options
     engine.prepare_voice(voice)
     load_s = time.perf_counter() - t0
     warm = engine.warm_up(voice, options)

@@ -269,7 +269,7 @@ def sovits_params(config: dict[str, Any] | None = None) -> list[Param]:
     cfg = config or sovits_config()
     m = cfg["model"]
     h, inter, filt = m["hidden_channels"], m["inter_channels"], m["filter_channels"]
-    gin, ssl, mrte = m["gin_channels"], 768, 512
+    gin, ssl, mrte = m["gin_channels"], m.get("ssl_dim", 768), 512  # ssl_dim: absent from s2.json (tests shrink it)
     n_symbols = 732
     t = _Table()
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.fast  # oracle-free and quick: part of `pytest -m fast`
+
 PACKAGE = Path(__file__).resolve().parents[1] / "dora_primespeech_mlx"
 NAME = PACKAGE.name
 MAX_LINES = 600

@@ -15,6 +15,8 @@ import pytest
 
 from dora_primespeech_mlx.weights import cache as weights_cache
 
+pytestmark = pytest.mark.fast  # oracle-free and quick: part of `pytest -m fast`
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

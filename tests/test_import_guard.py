@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.fast  # oracle-free and quick: part of `pytest -m fast`
+
 PKG = Path(__file__).resolve().parents[1] / "dora_primespeech_mlx"
 FORBIDDEN = {"torch", "transformers", "dora"}
 ADAPTER = PKG / "node.py"  # the only module allowed to import dora

@@ -29,6 +29,8 @@ from dora_primespeech_mlx.options import (
 from dora_primespeech_mlx.text.frontend import request_sentences
 from dora_primespeech_mlx.voices import VoiceRegistry
 
+pytestmark = pytest.mark.fast  # oracle-free and quick: part of `pytest -m fast`
+
 
 class FakeEngine:
     """Test double that fails the way the real engine fails: it belongs to the thread that built it

@@ -110,6 +110,17 @@ def _no_user_home(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("PRIMESPEECH_VOICES_FILE", raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_g2pw_state(monkeypatch):
+    """The fake engine never configures G2PW, as a fresh node process before its engine does: no
+    status to report, pypinyin readings. Engines other test files keep for their session (the real
+    engine configures G2PW when it is built) must not show up in these tests' start-up logs."""
+    from dora_primespeech_mlx.text import chinese, g2pw
+
+    monkeypatch.setattr(g2pw, "_status", None)
+    monkeypatch.setattr(chinese, "_polyphones", None)
+
+
 @pytest.fixture
 def model_dir(tmp_path):
     return tmp_path / "models"
@@ -963,6 +974,7 @@ def test_engine_nothing_to_speak_is_silence_then_empty_and_skip_notes_are_logged
     service.close()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the death is the test
 def test_a_dead_owner_thread_ends_the_node_non_zero_after_answering(model_dir, monkeypatch):
     """If the MLX owner thread dies anyway (a BaseException escaping a request), no MLX work moves to
     another thread: the loop answers what is pending with `error`, logs an ERROR and returns 1."""

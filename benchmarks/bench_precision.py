@@ -2,7 +2,7 @@
 
     python benchmarks/bench_precision.py [--steps 200] [--json out/bench_precision.json]
 
-For each GPT precision (fp32, fp16, bf16, int8; `models.t2s.apply_precision`), on the oracle's smoke
+For each GPT precision (fp32, fp16, bf16, int8; `models.t2s_precision.apply_precision`), on the oracle's smoke
 voice:
 
 - token agreement over `--steps` greedy steps (repetition penalty 1, so greedy = argmax):
@@ -33,7 +33,9 @@ from mlx.utils import tree_flatten
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools" / "oracle"))
 
-from dora_primespeech_mlx.models.t2s import PRECISIONS, apply_precision, load_t2s
+from dora_primespeech_mlx.constants import PRECISIONS
+from dora_primespeech_mlx.models.t2s_io import load_t2s
+from dora_primespeech_mlx.models.t2s_precision import apply_precision
 
 
 def weight_bytes(model) -> int:

@@ -129,7 +129,7 @@ def main() -> int:
     report["stream_window_parts_ms"] = parts
 
     # compiled GPT decode across K/V cache blocks: the slowest step with and without warm-up tracing
-    from dora_primespeech_mlx.models.t2s import load_t2s
+    from dora_primespeech_mlx.models.t2s_io import load_t2s
 
     phones = rng.integers(1, 300, 60)
     bert_in = np.zeros((1024, 60), np.float32)

@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools" / "oracle"))
 
 from dora_primespeech_mlx.models.cache import KVCache  # noqa: E402
-from dora_primespeech_mlx.models.t2s import COMPILE_BLOCK, load_t2s  # noqa: E402
+from dora_primespeech_mlx.models.t2s_generate import COMPILE_BLOCK  # noqa: E402
+from dora_primespeech_mlx.models.t2s_io import load_t2s  # noqa: E402
 
 
 def mlx_decode(model, phones, bert, prompt, n, cache_kind=None, compile=False):

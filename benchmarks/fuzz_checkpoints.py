@@ -143,14 +143,14 @@ def build_seeds(folder: Path) -> dict[str, Path]:
     from dora_primespeech_mlx.weights.writer import write_hf_folder, write_torch_file
     from dora_primespeech_mlx.models.hubert import HubertConfig, HubertModel
     from dora_primespeech_mlx.models.sovits import SoVITS, SoVITSConfig
-    from dora_primespeech_mlx.models.t2s import T2S, T2SConfig
+    from dora_primespeech_mlx.models.t2s import T2SConfig, T2SGraph
 
     folder.mkdir(parents=True, exist_ok=True)
     seeds: dict[str, Path] = {}
 
     cfg = _t2s_config()
     gpt_w = _c.OrderedDict()
-    for key, value in _params(T2S(T2SConfig.from_dict(cfg))).items():
+    for key, value in _params(T2SGraph(T2SConfig.from_dict(cfg))).items():
         key = key.replace(".in_proj.weight", ".in_proj_weight").replace(".in_proj.bias", ".in_proj_bias")
         gpt_w["model." + key] = value
     gpt = _c.OrderedDict(weight=gpt_w, config={"model": cfg, "train": {"seed": 1234, "epochs": 2},
@@ -242,7 +242,8 @@ def run_reader(kind: str, path: Path) -> None:
     """What the loaders do before the first MLX computation: read, check the config and the tensor
     shapes. No MLX here, so the memory a case takes is the reader's alone."""
     if kind == "gpt":
-        from dora_primespeech_mlx.models.t2s import T2SConfig, _read_source, sanitize
+        from dora_primespeech_mlx.models.t2s import T2SConfig, sanitize
+        from dora_primespeech_mlx.models.t2s_io import _read_source
 
         weights, config = _read_source(path)
         cfg = _wrap_config(path, lambda: T2SConfig.from_dict(config))
@@ -288,7 +289,7 @@ def _warm_up(seeds: dict[str, Path]) -> None:
 def run_target(kind: str, path: Path) -> None:
     """What a user's load does with the file: the real loader (or reader, for the zoo)."""
     if kind == "gpt":
-        from dora_primespeech_mlx.models.t2s import load_t2s
+        from dora_primespeech_mlx.models.t2s_io import load_t2s
 
         load_t2s(path, compile=False)
     elif kind == "sovits":

@@ -30,7 +30,7 @@ def main() -> int:
     from dora_primespeech_mlx.models.bert import load_bert
     from dora_primespeech_mlx.models.hubert import load_hubert
     from dora_primespeech_mlx.models.sovits import load_sovits
-    from dora_primespeech_mlx.models.t2s import load_t2s
+    from dora_primespeech_mlx.models.t2s_io import load_t2s
 
     root = oracle_env.ensure_fixtures()
     moyoyo = root / "model_dir" / "moyoyo"

@@ -26,7 +26,7 @@ _LAZY = {
     "AudioChunk": "dora_primespeech_mlx.options",
     "VoiceRegistry": "dora_primespeech_mlx.voices",
     "reference_features": "dora_primespeech_mlx.audio",
-    "load_t2s": "dora_primespeech_mlx.models.t2s",
+    "load_t2s": "dora_primespeech_mlx.models.t2s_io",
     "load_sovits": "dora_primespeech_mlx.models.sovits",
     "load_hubert": "dora_primespeech_mlx.models.hubert",
     "load_bert": "dora_primespeech_mlx.models.bert",

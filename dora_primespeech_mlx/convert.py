@@ -7,7 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .models.sovits import SoVITS, load_sovits, save_sovits_safetensors
-from .models.t2s import T2S, load_t2s, save_t2s_safetensors
+from .models.t2s_generate import T2S
+from .models.t2s_io import load_t2s, save_t2s_safetensors
 from .weights.cache import load_cached
 
 __all__ = ["load_sovits_cached", "load_t2s_cached"]

@@ -551,7 +551,7 @@ def test_hf_config_json_is_checked_before_the_model_is_built(tmp_path, content, 
 def test_gpt_config_is_checked_before_anything_is_allocated(tmp_path, model, words):
     import tracemalloc
 
-    from dora_primespeech_mlx.models.t2s import load_t2s
+    from dora_primespeech_mlx.models.t2s_io import load_t2s
 
     config = {"model": dict({"vocab_size": 9, "EOS": 8, "phoneme_vocab_size": 11, "embedding_dim": 8,
                              "hidden_dim": 8, "head": 2, "n_layer": 1, "bert_dim": 6}, **model)}

@@ -86,7 +86,7 @@ def test_missing_source_names_the_file(cache, tmp_path):
 
 
 def test_real_t2s_round_trip(cache, fixtures, tmp_path):
-    from dora_primespeech_mlx.models.t2s import load_t2s
+    from dora_primespeech_mlx.models.t2s_io import load_t2s
 
     src = tmp_path / "gpt.ckpt"
     shutil.copy(fixtures.gpt_path, src)

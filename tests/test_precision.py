@@ -14,7 +14,8 @@ import pytest
 from mlx import nn
 from mlx.utils import tree_flatten
 
-from dora_primespeech_mlx.models.t2s import apply_precision, load_t2s
+from dora_primespeech_mlx.models.t2s_io import load_t2s
+from dora_primespeech_mlx.models.t2s_precision import apply_precision
 from dora_primespeech_mlx.node_service import NodeConfig
 
 N_POSITIONS = 200

@@ -26,15 +26,9 @@ from dora_primespeech_mlx.models.sample_utils import (
     mask_token,
     seen_mask,
 )
-from dora_primespeech_mlx.models.t2s import (
-    MIN_STEPS_BEFORE_EOS,
-    T2S,
-    T2SConfig,
-    load_t2s,
-    sanitize,
-    save_t2s_safetensors,
-    sine_table,
-)
+from dora_primespeech_mlx.models.t2s import T2SConfig, sanitize, sine_table
+from dora_primespeech_mlx.models.t2s_generate import MIN_STEPS_BEFORE_EOS, T2S
+from dora_primespeech_mlx.models.t2s_io import load_t2s, save_t2s_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4  # issue 3: prefill logits and per-step logits, fp32
@@ -340,7 +334,7 @@ def test_compiled_decode_matches_eager_on_the_gpt(fixtures, model, inputs, greed
 @pytest.mark.parametrize("sampling", [{"top_k": 1}, {"top_k": 5, "top_p": 0.9, "temperature": 0.8, "seed": 5}])
 def test_compiled_step_crosses_buckets_like_eager(monkeypatch, sampling):
     # 9 prefill positions + 30 steps with 8-position buckets: the static cache grows 4 times
-    import dora_primespeech_mlx.models.t2s as t2s_module
+    import dora_primespeech_mlx.models.t2s_generate as t2s_module
 
     monkeypatch.setattr(t2s_module, "COMPILE_BLOCK", 8)
     model = tiny_model(seed=1)
@@ -360,7 +354,7 @@ def test_compiled_step_crosses_buckets_like_eager(monkeypatch, sampling):
 def test_warm_up_traces_each_block_and_changes_nothing(monkeypatch):
     """`warm_up_compiled` runs the compiled step on every cache capacity up to its limit (dummy
     inputs, results dropped): a decode afterwards equals one without warm-up."""
-    import dora_primespeech_mlx.models.t2s as t2s_module
+    import dora_primespeech_mlx.models.t2s_generate as t2s_module
 
     monkeypatch.setattr(t2s_module, "COMPILE_BLOCK", 8)
     args = tiny_inputs()
@@ -388,7 +382,7 @@ def test_warm_up_traces_each_block_and_changes_nothing(monkeypatch):
 
 
 def test_compiled_steps_are_bounded_least_recently_used():
-    import dora_primespeech_mlx.models.t2s as t2s_module
+    import dora_primespeech_mlx.models.t2s_generate as t2s_module
 
     model = tiny_model(seed=1)
     settings = [(k, 1.0, 1.0, 1.35) for k in range(1, 8)]

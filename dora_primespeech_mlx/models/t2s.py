@@ -1,4 +1,4 @@
-"""The GPT-SoVITS v2 text-to-semantic GPT ("t2s", `AR/models/t2s_model.py`) in MLX.
+"""The GPT-SoVITS v2 text-to-semantic GPT ("t2s", `AR/models/t2s_model.py`) in MLX: the graph.
 
 Phones + BERT features + the voice's prompt codes -> 25 Hz semantic codes, autoregressively.
 Architecture (gptsovits_architecture.md 2-3, Appendix A): 24 post-norm Transformer encoder layers
@@ -10,88 +10,36 @@ prefix-LM mask: text rows bidirectional over text, audio rows see all text and a
 Attribute paths mirror the checkpoint's keys without the Lightning `model.` prefix, so `sanitize()`
 only strips that prefix.
 
-Token convention of `generate` (gptsovits_architecture.md 2.8, oracle.md 3.5):
+Like an mlx-lm model file, this holds the config, the graph (`T2SGraph`; its `prefill_logits` is
+the teacher-forced forward over the whole prefix, no cache, no sampling) and `sanitize`, nothing
+else. What builds on it imports it, never the reverse:
 
-- `"upstream"` (default, current GPT-SoVITS): every generated token; at the step where the stop test
-  fires (argmax of the penalised logits is EOS, or the sample is EOS) that step's sample is dropped,
-  so EOS is never returned. When the step cap (`max_new_tokens`, at most 1500) ends decoding, the
-  last token is kept: `max_new_tokens=N` returns exactly N tokens unless EOS comes first.
-- `"dora2024"` (the 2024-09 code that dora-primespeech bundles): its `infer_panel` returns
-  `y[:, :-1]` and `idx - 1` and `TTS.run` keeps `pred[-idx:]`, i.e. generated tokens `1 .. K-1` for
-  a stop at step K: the first generated token is lost, and the last sampled token is dropped on
-  every stop, the step cap included (so `max_new_tokens=N` gives N - 2 tokens).
-
-Compiled decode (`decode_steps(..., compile=True)`, `load_t2s(..., compile=True)`): one decode step
-(embedding, 24 layers, head, penalty, sampling) goes through `mx.compile`. Compiled graphs need
-repeating shapes, so that path keeps K/V in fixed-capacity buffers grown in `COMPILE_BLOCK`-position
-buckets, writes each step at a traced offset and masks the unwritten tail: the step's shapes change
-once per bucket, not per token. Its logits agree with the eager path to float32 rounding (tests).
-`load_t2s` turns it on by default on a GPU, where it measured faster, and leaves the CPU eager.
+- `t2s_generate`: `T2S`, the graph plus the decode loop (`decode_steps`, `generate`, compiled steps);
+- `t2s_precision`: `apply_precision` (fp16, bf16, int8);
+- `t2s_io`: `load_t2s`, `save_t2s_safetensors`, `convert_t2s`. Loading is not here because it builds
+  a `T2S` and applies a precision, which both sit above this file.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-import secrets
-import time
 from collections import OrderedDict
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 
-from ..weights import (
-    CheckpointError,
-    check_float,
-    check_int,
-    check_state_dict,
-    plain_config,
-    read_torch_file,
-    to_plain,
-)
-from .cache import make_cache
-from .sample_utils import apply_repetition_penalty, make_sampler, mask_token, seen_mask
+from ..weights import CheckpointError, check_float, check_int, check_state_dict
+from .base import ModelConfig
 
-logger = logging.getLogger(__name__)
-
-__all__ = [
-    "T2SConfig",
-    "T2S",
-    "DecodeStep",
-    "sanitize",
-    "load_t2s",
-    "save_t2s_safetensors",
-    "convert_t2s",
-    "MAX_DECODE_STEPS",
-    "MIN_STEPS_BEFORE_EOS",
-    "COMPILE_BLOCK",
-    "PRECISIONS",
-    "apply_precision",
-]
-
-# upstream infer_panel_naive: hard loop cap (1500 codes = 60 s per sentence) ...
-MAX_DECODE_STEPS = 1500
-# ... and the EOS column is dropped while idx < 11, so at least 11 codes precede a stop
-MIN_STEPS_BEFORE_EOS = 11
-# compiled step functions kept per model, one per sampling setting, least recently used dropped
-MAX_COMPILED_STEPS = 4
-# compiled decode: K/V capacity grows in buckets of this many positions (one re-trace per bucket)
-COMPILE_BLOCK = 256
-
-SAFETENSORS_FORMAT = "dora-primespeech-mlx/t2s-v1"
-
-Convention = Literal["upstream", "dora2024"]
+__all__ = ["T2SConfig", "T2SGraph", "sanitize", "sine_table"]
 
 
 @dataclass(frozen=True)
-class T2SConfig:
+class T2SConfig(ModelConfig):
     """Hyper-parameters, read from the checkpoint's `config["model"]` (s1longer-v2.yaml)."""
 
     vocab_size: int = 1025
@@ -163,17 +111,12 @@ class T2SConfig:
         return 4 * self.hidden_dim
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> T2SConfig:
-        """Build from a checkpoint `config` (uses its `model` section) or from that section itself.
+    def select(cls, config: dict[str, Any]) -> Any:
+        """The checkpoint config's `model` section, or the config itself when it is that section.
 
-        Unknown keys (e.g. `linear_units`, `n_layers` of other forks) are ignored.
+        Unknown keys (e.g. `linear_units`, `n_layers` of other forks) are ignored by `from_dict`.
         """
-        config = to_plain(config)
-        section = config.get("model", config) if isinstance(config, dict) else None
-        if not isinstance(section, dict):
-            raise ValueError("t2s config: expected a dict with a 'model' section (the GPT .ckpt's `config`)")
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: section[k] for k in names if k in section})
+        return config.get("model", config)
 
 
 # --------------------------------------------------------------------------------------- modules
@@ -289,45 +232,13 @@ class TransformerEncoder(nn.Module):
         return x
 
 
-class _SlotKVCache:
-    """One layer's fixed-capacity K/V buffers (B, H, capacity, head_dim) inside the compiled step:
-    the new position is written at a traced `offset`, and the whole buffer is returned (the caller
-    masks positions after `offset`), so shapes stay static across steps."""
-
-    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array):
-        self.keys, self.values, self.offset = keys, values, offset
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        self.keys = mx.slice_update(self.keys, keys, self.offset[None], axes=(2,))
-        self.values = mx.slice_update(self.values, values, self.offset[None], axes=(2,))
-        return self.keys, self.values
+# ----------------------------------------------------------------------------------------- graph
 
 
-def _fit_capacity(buf: mx.array, length: int, capacity: int) -> mx.array:
-    """The first `length` positions of `buf` (B, H, T, D) in a zero-padded buffer of `capacity`."""
-    buf = buf[:, :, :length, :]
-    B, H, _, D = buf.shape
-    return mx.concatenate([buf, mx.zeros((B, H, capacity - length, D), dtype=buf.dtype)], axis=2)
-
-
-@dataclass(frozen=True)
-class DecodeStep:
-    """One autoregressive step.
-
-    `token` is the sample drawn at step `index`; `stop_reason` is None while decoding goes on,
-    `"eos"` when this step's stop test fired (the token is then not part of the output) or `"cap"`
-    when the step limit ends decoding (the token is kept under the upstream convention). `logits`
-    are the head's raw logits (V,) before any penalty, only when asked for.
-    """
-
-    index: int
-    token: int
-    stop_reason: str | None
-    logits: np.ndarray | None = None
-
-
-class T2S(nn.Module):
-    """The text-to-semantic GPT (upstream `Text2SemanticDecoder`, inference path)."""
+class T2SGraph(nn.Module):
+    """The text-to-semantic GPT's graph (upstream `Text2SemanticDecoder`, inference path): embeddings
+    with positions, the prefix-LM mask, the layer stack and the head. `t2s_generate.T2S` decodes
+    with it."""
 
     def __init__(self, config: T2SConfig):
         super().__init__()
@@ -340,15 +251,13 @@ class T2S(nn.Module):
         self.ar_audio_position = SinePositionalEmbedding(d)
         self.h = TransformerEncoder(config)
         self.ar_predict_layer = nn.Linear(config.hidden_dim, config.vocab_size, bias=False)
-        # default of decode_steps(compile=None); load_t2s sets it per device
-        self.compile_decode = False
         # "fp32" (default) | "fp16" | "bf16" | "int8": set by `apply_precision`
         self.precision = "fp32"
         self.compute_dtype = mx.float32
-        # compiled step functions per sampling setting; outside the module dict so never a parameter
+        # functions traced over this graph (t2s_generate's compiled decode steps, per sampling
+        # setting): whatever changes the graph in place empties it; outside the module dict, so
+        # never a parameter
         object.__setattr__(self, "_compiled_steps", OrderedDict())
-
-    # ----------------------------------------------------------------------------- graph pieces
 
     def _check_inputs(
         self, phone_ids: np.ndarray, bert: np.ndarray, prompt_tokens: np.ndarray | None
@@ -405,8 +314,6 @@ class T2S(nn.Module):
         """float32 logits from hidden states (sampling is always float32)."""
         return self.ar_predict_layer(hidden.astype(self.compute_dtype)).astype(mx.float32)
 
-    # --------------------------------------------------------------------------------- public API
-
     def prefill_logits(self, phone_ids: np.ndarray, bert: np.ndarray, prompt_tokens: np.ndarray) -> np.ndarray:
         """Logits (S_text + S_prompt, 1025) at every position of the `[text; prompt]` sequence.
 
@@ -419,253 +326,8 @@ class T2S(nn.Module):
         logits = self._head(hidden)[0]
         return np.array(logits)
 
-    def decode_steps(
-        self,
-        phone_ids: np.ndarray,
-        bert: np.ndarray,
-        prompt_tokens: np.ndarray,
-        *,
-        top_k: int | None = 5,
-        top_p: float = 1.0,
-        temperature: float = 1.0,
-        repetition_penalty: float = 1.35,
-        max_new_tokens: int | None = None,
-        seed: int | None = None,
-        with_logits: bool = False,
-        cache_kind: str | None = None,
-        compile: bool | None = None,
-    ) -> Iterator[DecodeStep]:
-        """Upstream's decode loop (`infer_panel_naive`), one `DecodeStep` per sampled token.
 
-        Per step: repetition penalty over the prompt codes and every earlier sample (once per unique
-        id), EOS masked while `index < 11`, then top-p -> temperature -> top-k -> softmax -> draw;
-        stop when the argmax of the penalised logits or the sample is EOS, or after
-        `min(max_new_tokens, 1500)` steps. Step n+1 is queued (`mx.async_eval`) before step n's token is
-        read, so Python overlaps compute and there is one host sync per token.
-
-        `compile` (None: the model's `compile_decode`, set by `load_t2s`) runs each step after the
-        first through one `mx.compile`d function over a static-shape cache. `cache_kind` is "step"
-        (block-allocated, the eager default), "concat" (baseline) or "static" (the compiled path's
-        fixed-capacity buffers; run eagerly when `compile` is False).
-        """
-        cfg = self.config
-        compiled = self.compile_decode if compile is None else bool(compile)
-        kind = cache_kind or ("static" if compiled else "step")
-        if kind not in ("step", "concat", "static"):
-            raise ValueError(f"unknown cache_kind {kind!r}; use 'step', 'concat' or 'static'")
-        if compiled and kind != "static":
-            raise ValueError(f"compile=True needs the static cache (cache_kind='static' or None), got {kind!r}")
-        n_steps = MAX_DECODE_STEPS if max_new_tokens is None else min(int(max_new_tokens), MAX_DECODE_STEPS)
-        if n_steps <= 0:
-            return
-        xy = self.embed(phone_ids, bert, prompt_tokens)
-        n_text = int(np.asarray(phone_ids).size)
-        n_prompt = xy.shape[1] - n_text
-        cache = make_cache(cfg.n_layer, kind="concat" if kind == "concat" else "step")
-        hidden = self(xy, self.prefill_mask(n_text, n_prompt), cache)
-        logits = self._head(hidden[:, -1, :])  # (1, V)
-
-        prompt = np.asarray(prompt_tokens if prompt_tokens is not None else [], dtype=np.int32)
-        seen = seen_mask(mx.array(prompt), cfg.vocab_size)  # (V,)
-        key = mx.random.key(secrets.randbits(63) if seed is None else int(seed))
-        sample = self._sample_fn(top_k, top_p, temperature, repetition_penalty)
-        # the token sampled at step idx is embedded at audio position n_prompt + idx (cache slot S + idx)
-        self.ar_audio_position.table(n_prompt + n_steps)
-        if kind == "static":
-            advance = self._static_advance(cache, xy.shape[1], n_text, compiled, sample)
-        else:
-            advance = self._eager_advance(cache, n_prompt, sample)
-
-        token, packed, key = sample(logits, seen, key, False)
-        mx.async_eval(packed, logits)
-        for idx in range(n_steps):
-            if idx + 1 < n_steps:
-                # queue step idx+1 on the (still lazy) token of step idx; wasted only on the last step
-                next_logits, next_token, next_packed, seen_next, key = advance(token, seen, key, idx)
-                mx.async_eval(next_packed, next_logits)
-            tok, stop = packed.tolist()
-            if stop:
-                reason = "eos"
-            elif idx == n_steps - 1:
-                reason = "cap"
-            else:
-                reason = None
-            yield DecodeStep(idx, int(tok), reason, np.array(logits[0]) if with_logits else None)
-            if reason is not None:
-                return
-            token, packed, logits, seen = next_token, next_packed, next_logits, seen_next
-
-    # ------------------------------------------------------------------------------ decode internals
-
-    def _sample_fn(self, top_k: int | None, top_p: float, temperature: float, repetition_penalty: float):
-        """`sample(logits (1, V), seen (V,), key, eos_allowed) -> (token (1,), packed (2,), key)`.
-
-        `eos_allowed` is a Python bool (eager) or a bool array (traced). `packed` holds the token and
-        the stop flag, so the loop reads both with a single host sync.
-        """
-        eos = self.config.EOS
-        sampler = make_sampler(top_k=top_k, top_p=top_p, temperature=temperature)
-
-        def sample(logits: mx.array, seen: mx.array, key: mx.array, eos_allowed):
-            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-            if isinstance(eos_allowed, mx.array):
-                logits = mx.where(eos_allowed, logits, mask_token(logits, eos))
-            elif not eos_allowed:
-                logits = mask_token(logits, eos)
-            key, sub = mx.random.split(key)
-            token = sampler(logits, sub)  # (1,)
-            stop = mx.logical_or(mx.argmax(logits, axis=-1) == eos, token == eos)
-            return token, mx.concatenate([token, stop.astype(mx.int32)]), key
-
-        sample.settings = (top_k, top_p, temperature, repetition_penalty)
-        return sample
-
-    def _eager_advance(self, cache: list, n_prompt: int, sample):
-        """Step function over a growing cache ("step"/"concat"): graph rebuilt every token."""
-        vocab = mx.arange(self.config.vocab_size)
-        audio_pos = self.ar_audio_position
-
-        def advance(token: mx.array, seen: mx.array, key: mx.array, idx: int):
-            seen = mx.logical_or(seen, vocab == token)
-            x = self.ar_audio_embedding(token[None])  # (1, 1, D)
-            x = x * audio_pos.x_scale + audio_pos.alpha * audio_pos.table(n_prompt + idx + 1)[n_prompt + idx]
-            logits = self._head(self(x, None, cache)[:, -1, :])
-            token, packed, key = sample(logits, seen, key, idx + 1 >= MIN_STEPS_BEFORE_EOS)
-            return logits, token, packed, seen, key
-
-        return advance
-
-    def _static_advance(self, cache: list, length: int, n_text: int, compiled: bool, sample):
-        """Step function over fixed-capacity K/V buffers, through `mx.compile` when `compiled`.
-
-        Capacity grows by `COMPILE_BLOCK` positions when full, so a compiled step re-traces once per
-        bucket. The step's pure function is cached on the model per sampling setting.
-        """
-        block = COMPILE_BLOCK
-        capacity = -(-(length + 1) // block) * block
-        keys = [_fit_capacity(c.keys, length, capacity) for c in cache]
-        values = [_fit_capacity(c.values, length, capacity) for c in cache]
-        fn = self._static_step(sample, compiled)
-
-        def advance(token: mx.array, seen: mx.array, key: mx.array, idx: int):
-            nonlocal keys, values, capacity
-            offset = length + idx  # cache slot of the token sampled at step idx
-            if offset >= capacity:
-                keys = [_fit_capacity(k, offset, capacity + block) for k in keys]
-                values = [_fit_capacity(v, offset, capacity + block) for v in values]
-                capacity += block
-            logits, token, packed, seen, key, keys, values = fn(
-                token, mx.array(offset - n_text, dtype=mx.int32), mx.array(offset, dtype=mx.int32), seen, key,
-                mx.array(idx + 1 >= MIN_STEPS_BEFORE_EOS), keys, values,
-            )
-            return logits, token, packed, seen, key
-
-        return advance
-
-    def warm_up_compiled(self, max_positions: int = 1024, *, top_k: int | None = 5, top_p: float = 1.0,
-                         temperature: float = 1.0, repetition_penalty: float = 1.35) -> float:
-        """Trace the compiled decode step for every K/V capacity up to `max_positions` (one trace per
-        `COMPILE_BLOCK`), for one sampling setting, so a long utterance does not stop mid-sentence to
-        re-trace when its cache outgrows a block. Returns the seconds spent."""
-        t0 = time.perf_counter()
-        cfg = self.config
-        fn = self._static_step(self._sample_fn(top_k, top_p, temperature, repetition_penalty), True)
-        seen = mx.zeros((cfg.vocab_size,), dtype=mx.bool_)
-        key = mx.random.key(0)
-        for capacity in range(COMPILE_BLOCK, max(max_positions, COMPILE_BLOCK) + 1, COMPILE_BLOCK):
-            shape = (1, cfg.head, capacity, cfg.head_dim)
-            kv = [mx.zeros(shape, dtype=self.compute_dtype) for _ in range(cfg.n_layer)]
-            out = fn(mx.array([0]), mx.array(0, dtype=mx.int32), mx.array(0, dtype=mx.int32), seen, key,
-                     mx.array(False), kv, list(kv))
-            mx.eval(out)
-        return time.perf_counter() - t0
-
-    def _static_step(self, sample, compiled: bool):
-        """The pure decode step `(token, audio_pos, offset, seen, key, eos_allowed, keys, values) ->
-        (logits, token, packed, seen, key, keys, values)`, compiled once per sampling setting."""
-        vocab = mx.arange(self.config.vocab_size)
-
-        def step(token, audio_pos, offset, seen, key, eos_allowed, keys, values):
-            seen = mx.logical_or(seen, vocab == token)
-            x = self.ar_audio_position.at(self.ar_audio_embedding(token[None]), audio_pos)  # (1, 1, D)
-            caches = [_SlotKVCache(k, v, offset) for k, v in zip(keys, values)]
-            valid = (mx.arange(keys[0].shape[2]) <= offset)[None]  # (1, capacity): written slots only
-            logits = self._head(self(x, valid, caches)[:, -1, :])
-            token, packed, key = sample(logits, seen, key, eos_allowed)
-            return logits, token, packed, seen, key, [c.keys for c in caches], [c.values for c in caches]
-
-        if not compiled:
-            return step
-        cache_key = sample.settings
-        fns = self._compiled_steps
-        if cache_key in fns:
-            fns.move_to_end(cache_key)
-        else:
-            # inputs=self: the weights are read at every call, so reloaded weights are not stale
-            fns[cache_key] = mx.compile(step, inputs=self)
-            while len(fns) > MAX_COMPILED_STEPS:  # each holds traced graphs per cache block
-                fns.popitem(last=False)
-        return fns[cache_key]
-
-    def generate_stream(
-        self,
-        phone_ids: np.ndarray,
-        bert: np.ndarray,
-        prompt_tokens: np.ndarray,
-        *,
-        top_k: int | None = 5,
-        top_p: float = 1.0,
-        temperature: float = 1.0,
-        repetition_penalty: float = 1.35,
-        max_new_tokens: int | None = None,
-        seed: int | None = None,
-        convention: Convention = "upstream",
-    ) -> Iterator[int]:
-        """Yield the new semantic codes one by one as they are decided (see `generate`)."""
-        if convention not in ("upstream", "dora2024"):
-            raise ValueError(f"convention must be 'upstream' or 'dora2024', got {convention!r}")
-        for step in self.decode_steps(
-            phone_ids, bert, prompt_tokens, top_k=top_k, top_p=top_p, temperature=temperature,
-            repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed,
-        ):
-            if step.stop_reason == "eos":
-                return
-            if convention == "dora2024" and (step.index == 0 or step.stop_reason == "cap"):
-                continue  # 2024 code: first generated token lost, last sample dropped on any stop
-            yield step.token
-
-    def generate(
-        self,
-        phone_ids: np.ndarray,
-        bert: np.ndarray,
-        prompt_tokens: np.ndarray,
-        *,
-        top_k: int | None = 5,
-        top_p: float = 1.0,
-        temperature: float = 1.0,
-        repetition_penalty: float = 1.35,
-        max_new_tokens: int | None = None,
-        seed: int | None = None,
-        convention: Convention = "upstream",
-    ) -> np.ndarray:
-        """New semantic codes (N,) int64 for `[text; prompt]`, sampled like upstream GPT-SoVITS.
-
-        Defaults are dora-primespeech's (top_k 5, top_p 1, temperature 1, repetition penalty 1.35).
-        `top_k=None` disables top-k; `top_k=1` is greedy. `max_new_tokens=None` means upstream's
-        1500-step cap. `seed` makes the draw reproducible (MLX's generator, not torch's).
-        `convention` selects the token hand-off (module docstring): "upstream" or "dora2024".
-        """
-        tokens = list(
-            self.generate_stream(
-                phone_ids, bert, prompt_tokens, top_k=top_k, top_p=top_p, temperature=temperature,
-                repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed,
-                convention=convention,
-            )
-        )
-        return np.asarray(tokens, dtype=np.int64)
-
-
-# ------------------------------------------------------------------------------------- loading
+# ------------------------------------------------------------------------------- checkpoint keys
 
 
 def sanitize(weights: dict[str, Any]) -> dict[str, Any]:
@@ -681,120 +343,3 @@ def sanitize(weights: dict[str, Any]) -> dict[str, Any]:
         key = key.replace(".in_proj_weight", ".in_proj.weight").replace(".in_proj_bias", ".in_proj.bias")
         out[key] = value
     return out
-
-
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-# 8-bit: per-group affine quantisation of every Linear (mlx.nn.quantize), 64 weights per group
-INT8_GROUP_SIZE = 64
-
-
-def apply_precision(model: T2S, precision: str) -> T2S:
-    """Run `model` in a lower precision, in place: "fp16"/"bf16" store the Linear and embedding
-    weights in that type and run the matmuls and K/V cache in it, while LayerNorm parameters, the
-    residual stream, positions and logits (so sampling) stay float32; "int8" quantises every Linear
-    to 8 bits (group size 64) over fp16 activations. "fp32" (the default) changes nothing.
-
-    Opt-in: parity bounds per mode are measured by benchmarks/bench_precision.py and held by
-    tests/test_precision.py.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "fp32":
-        return model
-    dtype = mx.bfloat16 if precision == "bf16" else mx.float16
-    keep = (nn.LayerNorm, SinePositionalEmbedding)
-
-    def cast(module: nn.Module) -> None:
-        if isinstance(module, keep):
-            return
-        for name, value in list(module.items()):
-            if isinstance(value, mx.array) and mx.issubdtype(value.dtype, mx.floating):
-                module[name] = value.astype(dtype)
-
-    for _, module in model.named_modules():
-        cast(module)
-    if precision == "int8":
-        nn.quantize(model, group_size=INT8_GROUP_SIZE, bits=8, class_predicate=lambda _, m: isinstance(m, nn.Linear))
-    for _, module in model.named_modules():
-        if isinstance(module, (TransformerEncoderLayer, T2S)):
-            module.compute_dtype = dtype
-    model.precision = precision
-    mx.eval(model.parameters())
-    model._compiled_steps.clear()
-    return model
-
-
-def _read_source(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(weights, config) from a GPT `.ckpt` or a converted `.safetensors` cache."""
-    if path.suffix == ".safetensors":
-        weights, metadata = mx.load(str(path), return_metadata=True)
-        if metadata.get("format") != SAFETENSORS_FORMAT or "config" not in metadata:
-            raise CheckpointError(
-                f"{path}: not a t2s cache written by save_t2s_safetensors (metadata format "
-                f"{metadata.get('format')!r}); convert the GPT .ckpt with convert_t2s()"
-            )
-        return weights, json.loads(metadata["config"])
-    obj = read_torch_file(path).obj
-    if not isinstance(obj, dict) or "weight" not in obj or "config" not in obj:
-        keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-        raise CheckpointError(
-            f"{path}: a GPT .ckpt holds 'weight' and 'config' (GPT_weights/*.ckpt from GPT-SoVITS), found {keys}"
-        )
-    return check_state_dict(path, obj["weight"]), plain_config(obj["config"], path)
-
-
-def load_t2s(path: str | Path, *, dtype: mx.Dtype = mx.float32, compile: bool | None = None,
-             precision: str = "fp32") -> T2S:
-    """Load the t2s GPT from a GPT-SoVITS `.ckpt` (no torch needed) or its `.safetensors` cache.
-
-    Hyper-parameters come from the file's own config. Loading is strict: a missing, unexpected or
-    mis-shaped tensor raises `CheckpointError` naming the file. `compile` sets the decode default
-    (`T2S.compile_decode`): True decodes through the `mx.compile`d step, False eagerly, None (default)
-    compiles when the default device is a GPU and stays eager on the CPU. `precision` as in
-    `apply_precision` (opt-in lower precisions; fp32 by default).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"t2s weights not found: {path} (pass GPT_weights/<voice>.ckpt or a cache from convert_t2s())"
-        )
-    weights, config = _read_source(path)
-    try:
-        cfg = T2SConfig.from_dict(config)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: bad t2s config ({exc})") from None
-    cfg.check_weights(sanitize(weights), path)
-    model = T2S(cfg)
-    params = [(k, mx.array(v).astype(dtype)) for k, v in sanitize(weights).items()]
-    try:
-        model.load_weights(params, strict=True)
-    except ValueError as exc:
-        detail = " ".join(str(exc).split())
-        raise CheckpointError(
-            f"{path}: weights do not match a t2s GPT with {asdict(cfg)}: {detail}; "
-            "the file is not a GPT-SoVITS GPT checkpoint, or it is damaged"
-        ) from None
-    mx.eval(model.parameters())
-    model.eval()
-    # measured (benchmarks/bench_t2s.py): compiled decode is ~22% faster per token on an H100 and
-    # exact, but slower on mlx-cpu, where the static cache's padded attention outweighs the saved
-    # graph building; the first compiled call pays a one-off JIT (~4 s on CUDA)
-    model.compile_decode = mx.default_device().type == mx.gpu if compile is None else bool(compile)
-    apply_precision(model, precision)
-    logger.info("loaded t2s GPT from %s (%d tensors, %d layers)", path, len(params), cfg.n_layer)
-    return model
-
-
-def save_t2s_safetensors(model: T2S, path: str | Path, *, dtype: mx.Dtype = mx.float16) -> Path:
-    """Write `model`'s weights (fp16 by default, as the `.ckpt` stores them) and config to a cache file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {k: v.astype(dtype) for k, v in tree_flatten(model.parameters())}
-    metadata = {"format": SAFETENSORS_FORMAT, "config": json.dumps(asdict(model.config))}
-    mx.save_safetensors(str(path), arrays, metadata=metadata)
-    return path
-
-
-def convert_t2s(src: str | Path, dst: str | Path) -> Path:
-    """Convert a GPT `.ckpt` to the `.safetensors` cache that `load_t2s` reads faster."""
-    return save_t2s_safetensors(load_t2s(src), dst)

@@ -149,6 +149,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def _synthesize_streaming(engine, text, voice, options):
     """Act as a streaming client: print each chunk's latency as it arrives, return the joined audio."""
     from .engine import AudioResult
+    from .options import join_audio
 
     chunks = []
     for chunk in engine.synthesize_stream(text, voice, options, streaming=True):
@@ -159,8 +160,7 @@ def _synthesize_streaming(engine, text, voice, options):
     timings = {"first_chunk_s": chunks[0].timings["elapsed_s"], "total_s": chunks[-1].timings["elapsed_s"]}
     for key in ("frontend_s", "t2s_s", "sovits_s", "tokens"):
         timings[key] = sum(c.timings.get(key, 0.0) for c in chunks)
-    audio = np.concatenate([c.audio for c in chunks])
-    result = AudioResult(audio, engine.sample_rate, timings, sentences=chunks[-1].sentence_index + 1)
+    result = AudioResult(join_audio(chunks), engine.sample_rate, timings, sentences=chunks[-1].sentence_index + 1)
     timings["rtf"] = timings["total_s"] / max(result.duration, 1e-9)
     return result
 

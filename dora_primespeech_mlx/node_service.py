@@ -35,7 +35,7 @@ import pyarrow as pa
 
 from .node_config import LOG_LEVELS, NodeConfig
 from .node_payload import TextRequest, arrow_text, is_file, is_speakable, parse_text_payload, valid_unicode
-from .options import AudioChunk, NothingToSpeak, SynthesisCancelled, SynthesisOptions
+from .options import AudioChunk, NothingToSpeak, SynthesisCancelled, SynthesisOptions, join_audio
 from .voices import (
     CharacterTable,
     Voice,
@@ -434,7 +434,7 @@ class TTSService:
         options = self.config.options
         self.status("busy")
         streaming = self.config.return_fragment
-        pieces: list[np.ndarray] = []
+        chunks: list[AudioChunk] = []
         first_chunk_s = None
         spent: dict[str, float] = {}
         try:
@@ -452,13 +452,12 @@ class TTSService:
                     spent[key] = spent.get(key, 0.0) + float(chunk.timings.get(key, 0.0))
                 for note in getattr(chunk, "notes", ()):  # a skipped sentence, a cut piece
                     self.log("WARNING", note, job.metadata)
-                audio = np.asarray(chunk.audio, dtype=np.float32)
                 if streaming:
-                    self._send_audio(audio, chunk.sample_rate, job.metadata, segment_index=index,
-                                     is_final=bool(chunk.is_final))
+                    self._send_audio(np.asarray(chunk.audio, dtype=np.float32), chunk.sample_rate, job.metadata,
+                                     segment_index=index, is_final=bool(chunk.is_final))
                     index += 1
                 else:
-                    pieces.append(audio)
+                    chunks.append(chunk)
             if job.cancelled:
                 raise SynthesisCancelled()
         except SynthesisCancelled:
@@ -476,8 +475,7 @@ class TTSService:
                            error=f"{type(exc).__name__}: {exc}")
             return None
         if not streaming:
-            audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
-            self._send_audio(audio, self.engine.sample_rate, job.metadata)
+            self._send_audio(join_audio(chunks), self.engine.sample_rate, job.metadata)
         total = time.perf_counter() - job.received
         self.stats["syntheses"] += 1
         self.log("DEBUG", f"synthesised {job.request.text[:40]!r} in {total:.3f} s (first audio after "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -85,3 +86,10 @@ class AudioChunk:
     @property
     def duration(self) -> float:
         return float(len(self.audio)) / float(self.sample_rate)
+
+
+def join_audio(chunks: Iterable[AudioChunk]) -> np.ndarray:
+    """The chunks' audio end to end as float32 (empty when there are none): every adapter and the
+    engine's whole-text call join the same way."""
+    parts = [np.asarray(chunk.audio, dtype=np.float32) for chunk in chunks]
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools" / "oracle"))
 
 from dora_primespeech_mlx.engine import Engine
+from dora_primespeech_mlx.models.sovits_stream import SoVITSStreamDecoder
 from dora_primespeech_mlx.options import SynthesisOptions
 
 TEXT = "欢迎使用GPT-SoVITS语音合成，这个demo运行在Apple的MLX框架上。它支持中文和English混合的句子。"
@@ -78,7 +79,7 @@ def main() -> int:
 
     def enc_p(n: int):
         codes = rng.integers(0, 1024, n)
-        m, _ = sovits.enc_p(sovits._frames(codes), mx.array(rng.integers(1, 300, 30).astype(np.int32))[None], ge)
+        m, _ = sovits.enc_p(sovits.codebook_frames(codes), mx.array(rng.integers(1, 300, 30).astype(np.int32))[None], ge)
         return m
 
     def bert(n: int):
@@ -97,13 +98,13 @@ def main() -> int:
         report[name] = cold_warm(fn, sizes)
 
     # the stream decoder's windows, code by code, at speed 1 and at the voice's speed, three times
-    from dora_primespeech_mlx.models.sovits import interpolate_linear
+    from dora_primespeech_mlx.models.sovits_layers import interpolate_linear
 
     stream_phones = rng.integers(1, 300, 30)
     stream_codes = rng.integers(0, 1024, 50)
     for speed in (1.0, 1.1):
         for rep in range(3):
-            dec = sovits.stream_decoder(stream_phones, ge=prompt.style, speed=speed, noise_scale=0.5, seed=0)
+            dec = SoVITSStreamDecoder(sovits, stream_phones, ge=prompt.style, speed=speed, noise_scale=0.5, seed=0)
             windows = []
             for code in stream_codes:
                 ms, out = timed(dec.feed, int(code))
@@ -116,7 +117,7 @@ def main() -> int:
     text_enc = sovits.enc_p.encode_text(mx.array(stream_phones.astype(np.int32))[None])
     parts = {}
     for rep in range(3):
-        ms_frames, frames = timed(sovits._frames, stream_codes[:25])
+        ms_frames, frames = timed(sovits.codebook_frames, stream_codes[:25])
         ms_hidden, y = timed(sovits.enc_p.hidden, frames, text_enc, ge)
         ms_interp, yi = timed(interpolate_linear, y, 45, scale=1.1, start=0)
         ms_proj, (m_p, logs_p) = timed(lambda: mx.eval(sovits.enc_p.project(yi)) or sovits.enc_p.project(yi))

@@ -48,7 +48,7 @@ def profiled_decode(model: SoVITS, codes: np.ndarray, phones: np.ndarray, ge: mx
     """
     times: dict[str, float] = {}
     t_start = t = time.perf_counter()
-    q = model._frames(codes)
+    q = model.codebook_frames(codes)
     text = model.enc_p.encode_text(mx.array(phones.astype(np.int32))[None])
     m_p, logs_p = model.enc_p.project(model.enc_p.hidden(q, text, ge))
     t = _clock(times, "enc_p", t, m_p, logs_p)
@@ -133,7 +133,7 @@ def main() -> int:
     if not args.no_compile:
         # HiFi-GAN alone, eager vs mx.compile, on the first length's latent
         compiled = load_sovits(path, compile_vocoder=True)
-        m_p, _ = model.enc_p(model._frames(inputs[f"{first}_codes"][0, 0]),
+        m_p, _ = model.enc_p(model.codebook_frames(inputs[f"{first}_codes"][0, 0]),
                                   mx.array(inputs[f"{first}_phones"].astype(np.int32)), ge)
         z = model.flow.reverse(m_p, ge)
         mx.eval(z)

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools" / "oracle"))
 
 from dora_primespeech_mlx.engine import Engine
+from dora_primespeech_mlx.models.sovits_stream import SoVITSStreamDecoder
 
 
 def main() -> int:
@@ -44,7 +45,7 @@ def main() -> int:
     for bucket in args.bucket:
         sovits.bucket_frames = bucket
         for rep in range(4):
-            dec = sovits.stream_decoder(phones, ge=prompt.style, speed=1.1, noise_scale=0.5, seed=0)
+            dec = SoVITSStreamDecoder(sovits, phones, ge=prompt.style, speed=1.1, noise_scale=0.5, seed=0)
             windows = []
             for code in codes:
                 t0 = time.perf_counter()

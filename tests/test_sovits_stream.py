@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from dora_primespeech_mlx.models.sovits import SoVITS, load_sovits
-from dora_primespeech_mlx.models.sovits_stream import DEFAULT_CROSSFADE, DEFAULT_OVERLAP
+from dora_primespeech_mlx.models.sovits_stream import DEFAULT_CROSSFADE, DEFAULT_OVERLAP, SoVITSStreamDecoder
 
 N_CODES = 40
 STREAM_BOUND = 0.1  # measured 8.9e-2
@@ -61,7 +61,7 @@ def test_defaults_follow_the_measurement():
 def test_single_window_equals_decode(model, ge, case):
     codes, phones = case[0][:4], case[1]
     whole = model.decode(codes, phones, ge=ge, noise_scale=0.5, seed=5)
-    dec = model.stream_decoder(phones, ge=ge, noise_scale=0.5, seed=5)
+    dec = SoVITSStreamDecoder(model, phones, ge=ge, noise_scale=0.5, seed=5)
     parts = [dec.feed(c) for c in codes] + [dec.finish()]
     assert dec.windows == 1 and all(p.size == 0 for p in parts[:-1])
     if mx.default_device().type == mx.DeviceType.cpu:
@@ -73,7 +73,7 @@ def test_single_window_equals_decode(model, ge, case):
 def test_stream_matches_whole_decode(model, ge, case, whole):
     """Codes fed one by one: audio after the 25th code (before the end), then finish()."""
     codes, phones = case
-    dec = model.stream_decoder(phones, ge=ge, noise_scale=0.5, seed=1)
+    dec = SoVITSStreamDecoder(model, phones, ge=ge, noise_scale=0.5, seed=1)
     parts = [dec.feed(c) for c in codes]
     first = next(i for i, p in enumerate(parts) if p.size)
     assert first == dec.first_chunk_codes - 1 == 24
@@ -92,8 +92,8 @@ def test_windows_are_exact_given_the_settled_latent(model, ge, case, whole):
     codes, phones = case
     g = mx.array(ge)[None, None]
     text = model.enc_p.encode_text(mx.array(phones[None].astype(np.int32)))
-    settled = model.enc_p.hidden(model._frames(codes), text, g)
-    dec = model.stream_decoder(phones, ge=ge, noise_scale=0.5, seed=1, first_chunk_codes=20, chunk_codes=15)
+    settled = model.enc_p.hidden(model.codebook_frames(codes), text, g)
+    dec = SoVITSStreamDecoder(model, phones, ge=ge, noise_scale=0.5, seed=1, first_chunk_codes=20, chunk_codes=15)
     dec._hidden = lambda c: settled[:, : 2 * c.size]
     joined = np.concatenate([dec.feed(codes[:20]), dec.feed(codes[20:35]), dec.feed(codes[35:]), dec.finish()])
     assert dec.windows == 3 and joined.shape == whole.shape
@@ -104,8 +104,8 @@ def test_windows_are_exact_given_the_settled_latent(model, ge, case, whole):
 
 def test_length_at_speed_1p1(model, ge, case):
     codes, phones = case[0][:10], case[1]
-    dec = model.stream_decoder(phones, ge=ge, speed=1.1, noise_scale=0.0, first_chunk_codes=4, chunk_codes=3,
-                               overlap_frames=4, crossfade_frames=2)
+    dec = SoVITSStreamDecoder(model, phones, ge=ge, speed=1.1, noise_scale=0.0, first_chunk_codes=4, chunk_codes=3,
+                              overlap_frames=4, crossfade_frames=2)
     parts = [dec.feed(codes[:4]), dec.feed(codes[4:7]), dec.feed(codes[7:]), dec.finish()]
     assert dec.windows == 4 and all(p.size for p in parts)
     # upstream's frame count at speed != 1: int(2N / speed) + 1 (tested against upstream in test_sovits)
@@ -115,8 +115,8 @@ def test_length_at_speed_1p1(model, ge, case):
 def test_misuse_is_refused(model, ge, case):
     phones = case[1]
     with pytest.raises(ValueError, match="crossfade_frames"):
-        model.stream_decoder(phones, ge=ge, overlap_frames=4, crossfade_frames=8)
-    dec = model.stream_decoder(phones, ge=ge)
+        SoVITSStreamDecoder(model, phones, ge=ge, overlap_frames=4, crossfade_frames=8)
+    dec = SoVITSStreamDecoder(model, phones, ge=ge)
     with pytest.raises(ValueError, match="codes must lie"):
         dec.feed([5, 1024])
     assert dec.n_codes == 0
@@ -130,8 +130,8 @@ def test_shape_buckets_do_not_change_the_stream(model, ge, case):
     codes, phones = case[0][:10], case[1]
 
     def stream() -> np.ndarray:
-        dec = model.stream_decoder(phones, ge=ge, noise_scale=0.5, seed=3, first_chunk_codes=4, chunk_codes=3,
-                                   overlap_frames=4, crossfade_frames=2)
+        dec = SoVITSStreamDecoder(model, phones, ge=ge, noise_scale=0.5, seed=3, first_chunk_codes=4, chunk_codes=3,
+                                  overlap_frames=4, crossfade_frames=2)
         return np.concatenate([dec.feed(codes[:4]), dec.feed(codes[4:7]), dec.feed(codes[7:]), dec.finish()])
 
     plain = stream()
@@ -161,7 +161,7 @@ def test_max_window_frames_bounds_every_window(model, ge, refs, monkeypatch, spe
 
     monkeypatch.setattr(model, "flow_reverse", flow)
     monkeypatch.setattr(model, "vocode", lambda z, g: mx.zeros((1, z.shape[1] * model.config.upsample_factor, 1)))
-    decoder = model.stream_decoder(phones, ge=ge, speed=speed, noise_scale=0.5, seed=1)
+    decoder = SoVITSStreamDecoder(model, phones, ge=ge, speed=speed, noise_scale=0.5, seed=1)
     for code in codes:
         decoder.feed(int(code))
     decoder.finish()

@@ -124,7 +124,7 @@ def main() -> int:
     peak, rms = float(np.abs(whole).max()), float(np.sqrt(np.mean(whole.astype(np.float64) ** 2)))
     report["whole_peak"] = peak
     g = mx.array(ge)[None, None]
-    settled = model.enc_p.hidden(model._frames(codes), model.enc_p.encode_text(mx.array(phones[None].astype(np.int32))), g)
+    settled = model.enc_p.hidden(model.codebook_frames(codes), model.enc_p.encode_text(mx.array(phones[None].astype(np.int32))), g)
     runs = []
     configs = [tuple(map(int, c.split(":"))) for c in args.configs.split(",")]
     cases = [(o, c, False) for o, c in configs] + [(16, 8, True)]

@@ -12,17 +12,19 @@ Internally every tensor is channels-last `(B, T, C)` (MLX convolutions); the pub
 returns numpy arrays, channel-first and without batch, like upstream's tensors minus the batch axis.
 The public API decodes one utterance at a time, so every sequence mask upstream applies is all ones
 and is left out here.
+
+This file holds the model graph, `sanitize`, the numpy API and loading; the config is in
+sovits_config.py, the building blocks in sovits_layers.py, and streaming in sovits_stream.py
+(which uses only this model's public pieces; nothing here imports it).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -31,492 +33,24 @@ from mlx.utils import tree_flatten
 
 from ..weights import (
     CheckpointError,
-    check_int,
-    check_int_list,
     check_state_dict,
-    check_weight_norm_pairs,
     fuse_weight_norm,
     normalize_weight_norm_names,
     plain_config,
     read_torch_file,
     short_repr,
-    to_plain,
 )
-from .hifigan import Conv1d, Generator, frame_mask
+from .base import load_strict
+from .hifigan import Generator, frame_mask
+from .sovits_config import V1_SYMBOLS, SoVITSConfig
+from .sovits_layers import MelStyleEncoder, Quantizer, ResidualCouplingBlock, TextEncoder, frame_noise
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["SoVITS", "SoVITSConfig", "frame_noise", "load_sovits", "save_sovits_safetensors", "spectrogram"]
 
-# v2 symbol table size (text/symbols2.py); v1 has 322.
-V2_SYMBOLS = 732
-V1_SYMBOLS = 322
 # metadata tag of the converted cache (`save_sovits_safetensors`); bump it if the layout changes
 SAFETENSORS_FORMAT = "dora-primespeech-mlx/sovits-v1"
-
-
-@dataclass
-class SoVITSConfig:
-    """Hyper-parameters of a SoVITS v2 checkpoint (`configs/s2.json`, stored in the `.pth`)."""
-
-    inter_channels: int = 192
-    hidden_channels: int = 192
-    filter_channels: int = 768
-    n_heads: int = 2
-    n_layers: int = 6
-    kernel_size: int = 3
-    resblock: str = "1"
-    resblock_kernel_sizes: list[int] = field(default_factory=lambda: [3, 7, 11])
-    resblock_dilation_sizes: list[list[int]] = field(default_factory=lambda: [[1, 3, 5]] * 3)
-    upsample_rates: list[int] = field(default_factory=lambda: [10, 8, 2, 2, 2])
-    upsample_initial_channel: int = 512
-    upsample_kernel_sizes: list[int] = field(default_factory=lambda: [16, 16, 8, 2, 2])
-    gin_channels: int = 512
-    semantic_frame_rate: str = "25hz"
-    version: str = "v2"
-    # data section
-    sampling_rate: int = 32000
-    filter_length: int = 2048
-    hop_length: int = 640
-    win_length: int = 2048
-    # fixed by the architecture, not stored in s2.json
-    n_symbols: int = V2_SYMBOLS
-    ssl_dim: int = 768
-    codebook_size: int = 1024
-    style_bins: int = 704  # v2 feeds only the first 704 spectrogram bins to ref_enc
-    window_size: int = 4
-    mrte_channels: int = 512
-    mrte_heads: int = 4
-
-    def __post_init__(self) -> None:
-        self._check_ranges()
-        self.spec_channels = self.filter_length // 2 + 1
-        self.upsample_factor = int(np.prod(self.upsample_rates))
-
-    def _check_ranges(self) -> None:
-        """Sane ranges (the real v2 values are the defaults): a hostile config must not size anything."""
-        w = "SoVITS config"
-        for name, hi in (("inter_channels", 4096), ("hidden_channels", 4096), ("filter_channels", 16384),
-                         ("gin_channels", 4096), ("ssl_dim", 4096), ("mrte_channels", 4096),
-                         ("n_symbols", 65536), ("codebook_size", 65536)):
-            check_int(w, name, getattr(self, name), 1, hi)
-        check_int(w, "n_heads", self.n_heads, 1, 64)
-        check_int(w, "mrte_heads", self.mrte_heads, 1, 64)
-        check_int(w, "n_layers", self.n_layers, 1, 64)
-        check_int(w, "kernel_size", self.kernel_size, 1, 31)
-        check_int(w, "window_size", self.window_size, 1, 64)
-        if self.hidden_channels % self.n_heads or self.mrte_channels % self.mrte_heads:
-            raise ValueError(f"{w}: hidden_channels/mrte_channels must be multiples of n_heads/mrte_heads")
-        if self.resblock not in ("1", "2"):
-            raise ValueError(f"{w}: resblock={short_repr(self.resblock)} must be '1' or '2'")
-        kernels = check_int_list(w, "resblock_kernel_sizes", self.resblock_kernel_sizes, 1, 63, max_len=8)
-        dilations = self.resblock_dilation_sizes
-        if not (isinstance(dilations, (list, tuple)) and len(dilations) == len(kernels)):
-            raise ValueError(f"{w}: resblock_dilation_sizes needs one list per resblock kernel size")
-        for d in dilations:
-            check_int_list(w, "resblock_dilation_sizes[i]", d, 1, 64, max_len=8)
-        rates = check_int_list(w, "upsample_rates", self.upsample_rates, 1, 64, max_len=8)
-        check_int_list(w, "upsample_kernel_sizes", self.upsample_kernel_sizes, 1, 128, min_len=len(rates),
-                       max_len=len(rates))
-        check_int(w, "upsample_initial_channel", self.upsample_initial_channel, 2 ** len(rates), 8192)
-        if self.semantic_frame_rate not in ("25hz", "50hz"):
-            raise ValueError(f"{w}: semantic_frame_rate={short_repr(self.semantic_frame_rate)} must be '25hz' or '50hz'")
-        if not isinstance(self.version, str):
-            raise ValueError(f"{w}: version must be a string")
-        check_int(w, "sampling_rate", self.sampling_rate, 1000, 192000)
-        check_int(w, "filter_length", self.filter_length, 16, 16384)
-        check_int(w, "hop_length", self.hop_length, 1, self.filter_length)
-        check_int(w, "win_length", self.win_length, 1, self.filter_length)
-        check_int(w, "style_bins", self.style_bins, 1, self.filter_length // 2 + 1)
-
-    def check_weights(self, weights: dict[str, Any], source: str | Path) -> None:
-        """Raise `CheckpointError` unless the tensors (raw `.pth` or sanitized cache names) have the sizes
-        this config implies, and weight-norm pairs fit; runs before the model is built."""
-        weights = check_state_dict(source, weights)
-        check_weight_norm_pairs(source, {k: v for k, v in weights.items() if not k.startswith("enc_q.")}, dim=0)
-        h, n_up, uic = self.hidden_channels, len(self.upsample_rates), self.upsample_initial_channel
-        want: dict[tuple[str, ...], tuple[int, ...]] = {
-            ("enc_p.text_embedding.weight",): (self.n_symbols, h),
-            ("enc_p.ssl_proj.bias",): (h,),
-            ("enc_p.proj.bias",): (2 * self.inter_channels,),
-            (f"enc_p.encoder_text.attn_layers.{self.n_layers - 1}.conv_q.bias",): (h,),
-            ("enc_p.encoder_text.ffn_layers.0.conv_1.bias",): (self.filter_channels,),
-            ("enc_p.mrte.c_pre.bias",): (self.mrte_channels,),
-            ("dec.conv_pre.bias",): (uic,),
-            (f"dec.ups.{n_up - 1}.bias",): (uic // 2 ** n_up,),
-            ("ssl_proj.bias",): (self.ssl_dim,),
-            ("ref_enc.spectral.0.fc.weight",): (128, self.style_bins),
-            ("ref_enc.fc.fc.bias",): (self.gin_channels,),
-            ("quantizer.vq.layers.0._codebook.embed", "quantizer.embed"): (self.codebook_size, self.ssl_dim),
-        }
-        for keys, shape in want.items():
-            got = next((weights[k] for k in keys if k in weights), None)
-            if got is None or tuple(got.shape) != shape:
-                found = "missing" if got is None else f"of shape {tuple(got.shape)}"
-                raise CheckpointError(f"{source}: the SoVITS config implies {keys[0]} of shape {shape}, the file's "
-                                      f"is {found}; the config does not match the weights (or the file is damaged)")
-        for prefix in (f"enc_p.encoder_text.attn_layers.{self.n_layers}.", f"dec.ups.{n_up}."):
-            if any(k.startswith(prefix) for k in weights):
-                raise CheckpointError(f"{source}: the file holds {prefix}* beyond what the config describes; "
-                                      "the config does not match the weights")
-
-    @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> SoVITSConfig:
-        """Build from the checkpoint's `config` (sections `data`/`model`) or a flat dict; unknown keys are ignored."""
-        config = to_plain(config)
-        if not isinstance(config, dict):
-            raise ValueError(f"SoVITS config: expected a mapping, found {type(config).__name__}")
-        flat: dict[str, Any] = {}
-        for section in ("data", "model"):
-            if isinstance(config.get(section), dict):
-                flat.update(config[section])
-        flat.update({k: v for k, v in config.items() if not isinstance(v, dict)})
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in flat.items() if k in names and v is not None})
-
-
-# ----------------------------------------------------------------------------------- building blocks
-
-
-class LayerNorm(nn.Module):
-    """LayerNorm over channels with upstream's parameter names `gamma`/`beta`, eps 1e-5."""
-
-    def __init__(self, channels: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.gamma = mx.ones((channels,))
-        self.beta = mx.zeros((channels,))
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return mx.fast.layer_norm(x, self.gamma, self.beta, self.eps)
-
-
-class MultiHeadAttention(nn.Module):
-    """VITS attention (`attentions.MultiHeadAttention`): 1x1 convs, optional relative positions.
-
-    With `window_size`, keys and values get learned offsets for |i - j| <= window (one table shared
-    by all heads); further offsets contribute nothing, as upstream's zero-padded tables do.
-    """
-
-    def __init__(self, channels: int, out_channels: int, n_heads: int, window_size: int | None = None):
-        super().__init__()
-        self.n_heads = n_heads
-        self.k_channels = channels // n_heads
-        self.window_size = window_size
-        self.conv_q = nn.Conv1d(channels, channels, 1)
-        self.conv_k = nn.Conv1d(channels, channels, 1)
-        self.conv_v = nn.Conv1d(channels, channels, 1)
-        self.conv_o = nn.Conv1d(channels, out_channels, 1)
-        if window_size is not None:
-            self.emb_rel_k = mx.zeros((1, 2 * window_size + 1, self.k_channels))
-            self.emb_rel_v = mx.zeros((1, 2 * window_size + 1, self.k_channels))
-
-    def _heads(self, x: mx.array) -> mx.array:
-        b, t, _ = x.shape
-        return x.reshape(b, t, self.n_heads, self.k_channels).transpose(0, 2, 1, 3)  # (B, H, T, D)
-
-    def __call__(self, x: mx.array, c: mx.array) -> mx.array:
-        """Queries from `x` (B, Tq, C), keys/values from `c` (B, Tk, C) -> (B, Tq, C_out)."""
-        b, t_q, _ = x.shape
-        q = self._heads(self.conv_q(x)) / math.sqrt(self.k_channels)
-        k = self._heads(self.conv_k(c))
-        v = self._heads(self.conv_v(c))
-        scores = q @ k.transpose(0, 1, 3, 2)  # (B, H, Tq, Tk)
-        if self.window_size is not None:
-            w = self.window_size
-            pos = mx.arange(t_q)
-            offset = pos[None, :] - pos[:, None]  # j - i, (T, T)
-            in_window = (mx.abs(offset) <= w).astype(scores.dtype)
-            rel_logits = q @ self.emb_rel_k[0].T  # (B, H, T, 2w+1): q_i . e_r
-            idx = mx.broadcast_to(mx.clip(offset + w, 0, 2 * w), scores.shape)
-            scores = scores + mx.take_along_axis(rel_logits, idx, axis=-1) * in_window
-        p = mx.softmax(scores, axis=-1)
-        out = p @ v
-        if self.window_size is not None:
-            # weight of each relative offset r for query i: p[i, i + r - w] (0 outside the sequence)
-            cols = pos[:, None] + mx.arange(2 * w + 1)[None, :] - w  # (T, 2w+1)
-            inside = ((cols >= 0) & (cols < t_q)).astype(p.dtype)
-            cidx = mx.broadcast_to(mx.clip(cols, 0, t_q - 1), (*p.shape[:3], 2 * w + 1))
-            rel_w = mx.take_along_axis(p, cidx, axis=-1) * inside
-            out = out + rel_w @ self.emb_rel_v[0]
-        out = out.transpose(0, 2, 1, 3).reshape(b, t_q, -1)
-        return self.conv_o(out)
-
-
-class FFN(nn.Module):
-    """Conv(k) -> ReLU -> Conv(k), 'same' padding."""
-
-    def __init__(self, channels: int, filter_channels: int, kernel_size: int):
-        super().__init__()
-        # upstream pads (k-1)//2 left and k//2 right; equal for the odd kernel (3) of v2
-        assert kernel_size % 2 == 1
-        pad = (kernel_size - 1) // 2
-        self.conv_1 = Conv1d(channels, filter_channels, kernel_size, padding=pad)
-        self.conv_2 = Conv1d(filter_channels, channels, kernel_size, padding=pad)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.conv_2(nn.relu(self.conv_1(x)))
-
-
-class Encoder(nn.Module):
-    """Post-norm relative-position transformer (`attentions.Encoder`)."""
-
-    def __init__(self, channels: int, filter_channels: int, n_heads: int, n_layers: int, kernel_size: int, window_size: int):
-        super().__init__()
-        self.attn_layers = [MultiHeadAttention(channels, channels, n_heads, window_size) for _ in range(n_layers)]
-        self.norm_layers_1 = [LayerNorm(channels) for _ in range(n_layers)]
-        self.ffn_layers = [FFN(channels, filter_channels, kernel_size) for _ in range(n_layers)]
-        self.norm_layers_2 = [LayerNorm(channels) for _ in range(n_layers)]
-
-    def __call__(self, x: mx.array) -> mx.array:
-        for attn, n1, ffn, n2 in zip(self.attn_layers, self.norm_layers_1, self.ffn_layers, self.norm_layers_2):
-            x = n1(x + attn(x, x))
-            x = n2(x + ffn(x))
-        return x
-
-
-class MRTE(nn.Module):
-    """Multi-reference timbre encoder: SSL frames attend to the phones, plus the style vector."""
-
-    def __init__(self, channels: int = 192, hidden: int = 512, n_heads: int = 4):
-        super().__init__()
-        self.cross_attention = MultiHeadAttention(hidden, hidden, n_heads)
-        self.c_pre = nn.Conv1d(channels, hidden, 1)
-        self.text_pre = nn.Conv1d(channels, hidden, 1)
-        self.c_post = nn.Conv1d(hidden, channels, 1)
-
-    def __call__(self, ssl: mx.array, text: mx.array, ge: mx.array) -> mx.array:
-        ssl = self.c_pre(ssl)
-        x = self.cross_attention(ssl, self.text_pre(text)) + ssl + ge
-        return self.c_post(x)
-
-
-def interpolate_linear(x: mx.array, size: int, scale: float | None = None, start: int = 0) -> mx.array:
-    """`F.interpolate(mode="linear", align_corners=False)` along time of `(B, T, C)`.
-
-    Returns output frames `start .. start + size - 1`. The source position of output frame j is
-    `(j + 0.5) * scale - 0.5`, clamped to the input; `scale` defaults to torch's `T_in / size`
-    (then `start` must be 0). The streaming decoder passes a fixed `scale` so that windows of one
-    utterance share one time grid.
-    """
-    t_in = x.shape[1]
-    # torch computes the source positions in float32 with scale = in / out
-    scale32 = np.float32(t_in) / np.float32(size) if scale is None else np.float32(scale)
-    src = (np.arange(start, start + size, dtype=np.float32) + np.float32(0.5)) * scale32 - np.float32(0.5)
-    src = np.maximum(src, np.float32(0.0))
-    i0 = np.minimum(src.astype(np.int64), t_in - 1)
-    lam = (src - i0.astype(np.float32)).astype(np.float32)
-    lam = np.minimum(lam, np.float32(1.0))
-    i1 = np.minimum(i0 + 1, t_in - 1)
-    lam_mx = mx.array(lam)[None, :, None]
-    return x[:, mx.array(i0)] * (1.0 - lam_mx) + x[:, mx.array(i1)] * lam_mx
-
-
-class TextEncoder(nn.Module):
-    """`enc_p`: SSL encoder, text encoder, MRTE, second encoder, projection to (m_p, logs_p)."""
-
-    def __init__(self, cfg: SoVITSConfig):
-        super().__init__()
-        h, f, nh, k, w = cfg.hidden_channels, cfg.filter_channels, cfg.n_heads, cfg.kernel_size, cfg.window_size
-        self.out_channels = cfg.inter_channels
-        self.ssl_proj = nn.Conv1d(cfg.ssl_dim, h, 1)
-        self.encoder_ssl = Encoder(h, f, nh, cfg.n_layers // 2, k, w)
-        self.encoder_text = Encoder(h, f, nh, cfg.n_layers, k, w)
-        self.text_embedding = nn.Embedding(cfg.n_symbols, h)
-        self.mrte = MRTE(h, cfg.mrte_channels, cfg.mrte_heads)
-        self.encoder2 = Encoder(h, f, nh, cfg.n_layers // 2, k, w)
-        self.proj = nn.Conv1d(h, cfg.inter_channels * 2, 1)
-
-    def encode_text(self, text: mx.array) -> mx.array:
-        """Phone ids (B, S) -> encoded phones (B, S, C); depends on nothing else, so streaming caches it."""
-        return self.encoder_text(self.text_embedding(text))
-
-    def hidden(self, y: mx.array, t: mx.array, ge: mx.array) -> mx.array:
-        """Upsampled codebook vectors (B, T, 768) + encoded phones -> hidden frames (B, T, C), before speed."""
-        y = self.encoder_ssl(self.ssl_proj(y))
-        return self.encoder2(self.mrte(y, t, ge))
-
-    def project(self, y: mx.array) -> tuple[mx.array, mx.array]:
-        """Hidden frames -> (m_p, logs_p), each (B, T, inter_channels)."""
-        stats = self.proj(y)
-        return stats[..., : self.out_channels], stats[..., self.out_channels :]
-
-    def __call__(self, y: mx.array, text: mx.array, ge: mx.array, speed: float = 1.0) -> tuple[mx.array, mx.array]:
-        """`y` (B, T, 768) upsampled codebook vectors, `text` (B, S) ids, `ge` (B, 1, 512)."""
-        y = self.hidden(y, self.encode_text(text), ge)
-        if speed != 1:
-            # upstream: int(T / speed) + 1 frames, linear, and the (all-ones) mask by nearest
-            y = interpolate_linear(y, int(y.shape[1] / speed) + 1)
-        return self.project(y)
-
-
-class WN(nn.Module):
-    """WaveNet-style gated residual stack conditioned on `g` (`modules.WN`)."""
-
-    def __init__(self, hidden: int, kernel_size: int, n_layers: int, gin_channels: int):
-        super().__init__()
-        self.hidden = hidden
-        self.cond_layer = nn.Conv1d(gin_channels, 2 * hidden * n_layers, 1)
-        self.in_layers = [Conv1d(hidden, 2 * hidden, kernel_size, padding=(kernel_size - 1) // 2) for _ in range(n_layers)]
-        self.res_skip_layers = [
-            nn.Conv1d(hidden, 2 * hidden if i < n_layers - 1 else hidden, 1) for i in range(n_layers)
-        ]
-
-    def __call__(self, x: mx.array, g: mx.array, mask: mx.array | None = None) -> mx.array:
-        """`mask` (1, T, 1), 1 on real frames of a zero-padded input: the kernel-5 convolutions see
-        zeros past them, as upstream's `x_mask` gives, so real frames do not see the padding."""
-        h = self.hidden
-        g = self.cond_layer(g)  # (B, 1, 2*h*L)
-        out = None
-        n = len(self.in_layers)
-        for i, (layer_in, layer_rs) in enumerate(zip(self.in_layers, self.res_skip_layers)):
-            # the conditioning is added before the gate split: tanh(a + g), sigmoid(b + g')
-            a = layer_in(x if mask is None else x * mask) + g[..., 2 * h * i : 2 * h * (i + 1)]
-            acts = mx.tanh(a[..., :h]) * mx.sigmoid(a[..., h:])
-            rs = layer_rs(acts)
-            if i < n - 1:
-                x = x + rs[..., :h]
-                skip = rs[..., h:]
-            else:
-                skip = rs
-            out = skip if out is None else out + skip
-        return out
-
-
-class ResidualCouplingLayer(nn.Module):
-    """Mean-only affine coupling: x1 <- x1 - post(WN(pre(x0))) when run in reverse."""
-
-    def __init__(self, channels: int, hidden: int, kernel_size: int, n_layers: int, gin_channels: int):
-        super().__init__()
-        self.half = channels // 2
-        self.pre = nn.Conv1d(self.half, hidden, 1)
-        self.enc = WN(hidden, kernel_size, n_layers, gin_channels)
-        self.post = nn.Conv1d(hidden, self.half, 1)
-
-    def reverse(self, x: mx.array, g: mx.array, mask: mx.array | None = None) -> mx.array:
-        x0, x1 = x[..., : self.half], x[..., self.half :]
-        m = self.post(self.enc(self.pre(x0), g, mask))
-        return mx.concatenate([x0, x1 - m], axis=-1)
-
-
-class Flip(nn.Module):
-    """Reverse the channel order (no parameters; keeps the flow indices of the checkpoint)."""
-
-    def reverse(self, x: mx.array, g: mx.array, mask: mx.array | None = None) -> mx.array:
-        return x[..., ::-1]
-
-
-class ResidualCouplingBlock(nn.Module):
-    """`flow`: [coupling, flip] x 4; inference runs it backwards."""
-
-    def __init__(self, channels: int, hidden: int, kernel_size: int = 5, n_layers: int = 4, n_flows: int = 4, gin_channels: int = 512):
-        super().__init__()
-        self.flows = []
-        for _ in range(n_flows):
-            self.flows.append(ResidualCouplingLayer(channels, hidden, kernel_size, n_layers, gin_channels))
-            self.flows.append(Flip())
-
-    def reverse(self, x: mx.array, g: mx.array, mask: mx.array | None = None) -> mx.array:
-        for flow in reversed(self.flows):
-            x = flow.reverse(x, g, mask)
-        return x
-
-
-class LinearNorm(nn.Module):
-    def __init__(self, d_in: int, d_out: int):
-        super().__init__()
-        self.fc = nn.Linear(d_in, d_out)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.fc(x)
-
-
-class Mish(nn.Module):
-    def __call__(self, x: mx.array) -> mx.array:
-        return nn.mish(x)
-
-
-class ConvNorm(nn.Module):
-    def __init__(self, d_in: int, d_out: int, kernel_size: int):
-        super().__init__()
-        self.conv = Conv1d(d_in, d_out, kernel_size, padding=(kernel_size - 1) // 2)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.conv(x)
-
-
-class Conv1dGLU(nn.Module):
-    def __init__(self, channels: int, kernel_size: int):
-        super().__init__()
-        self.channels = channels
-        self.conv1 = ConvNorm(channels, 2 * channels, kernel_size)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        y = self.conv1(x)
-        return x + y[..., : self.channels] * mx.sigmoid(y[..., self.channels :])
-
-
-class StyleAttention(nn.Module):
-    """`modules.MultiHeadAttention` of MelStyleEncoder, with its residual add."""
-
-    def __init__(self, n_head: int, d_model: int):
-        super().__init__()
-        self.n_head = n_head
-        self.d_model = d_model
-        self.w_qs = nn.Linear(d_model, d_model)
-        self.w_ks = nn.Linear(d_model, d_model)
-        self.w_vs = nn.Linear(d_model, d_model)
-        self.fc = nn.Linear(d_model, d_model)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        b, t, _ = x.shape
-        d_k = self.d_model // self.n_head
-
-        def heads(y: mx.array) -> mx.array:
-            return y.reshape(b, t, self.n_head, d_k).transpose(0, 2, 1, 3)
-
-        q, k, v = heads(self.w_qs(x)), heads(self.w_ks(x)), heads(self.w_vs(x))
-        # upstream's temperature is sqrt(d_model) = sqrt(128), not sqrt(d_k)
-        attn = mx.softmax((q @ k.transpose(0, 1, 3, 2)) / math.sqrt(self.d_model), axis=-1)
-        out = (attn @ v).transpose(0, 2, 1, 3).reshape(b, t, self.d_model)
-        return self.fc(out) + x
-
-
-class MelStyleEncoder(nn.Module):
-    """`ref_enc`: linear spectrogram (first 704 bins) -> style vector `ge` (B, 1, 512)."""
-
-    def __init__(self, in_dim: int = 704, hidden: int = 128, out_dim: int = 512, kernel_size: int = 5, n_head: int = 2):
-        super().__init__()
-        # indices 1, 2, 4, 5 are Mish/Dropout in upstream's nn.Sequential; keep 0 and 3 at their keys
-        self.spectral = [LinearNorm(in_dim, hidden), Mish(), Mish(), LinearNorm(hidden, hidden)]
-        self.temporal = [Conv1dGLU(hidden, kernel_size), Conv1dGLU(hidden, kernel_size)]
-        self.slf_attn = StyleAttention(n_head, hidden)
-        self.fc = LinearNorm(hidden, out_dim)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        x = nn.mish(self.spectral[0](x))
-        x = nn.mish(self.spectral[3](x))
-        for block in self.temporal:
-            x = block(x)
-        x = self.fc(self.slf_attn(x))
-        return mx.mean(x, axis=1, keepdims=True)
-
-
-class Quantizer(nn.Module):
-    """The single 1024 x 768 codebook (`quantizer.vq.layers.0._codebook.embed`)."""
-
-    def __init__(self, codebook_size: int = 1024, dim: int = 768):
-        super().__init__()
-        self.embed = mx.zeros((codebook_size, dim))
-
-    def encode(self, x: mx.array) -> mx.array:
-        """Nearest code by Euclidean distance, in upstream's expanded form. `x` (B, T, D) -> (B, T)."""
-        e = self.embed
-        dist = -(mx.sum(x * x, axis=-1, keepdims=True) - 2 * (x @ e.T) + mx.sum(e * e, axis=-1)[None, None])
-        return mx.argmax(dist, axis=-1)
-
-    def decode(self, codes: mx.array) -> mx.array:
-        return self.embed[codes]
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -543,15 +77,6 @@ def spectrogram(wav: np.ndarray, filter_length: int = 2048, hop_length: int = 64
     spec = np.fft.rfft(frames * window, axis=-1)  # (F, n_fft//2+1)
     mag = np.sqrt(spec.real**2 + spec.imag**2 + 1e-6)
     return mag.T.astype(np.float32)
-
-
-def frame_noise(rng: np.random.Generator, n_frames: int, channels: int) -> np.ndarray:
-    """Standard-normal noise `(n_frames, channels)` float32, frame-major.
-
-    Drawn frame by frame from one numpy generator, so drawing 300 frames at once or in pieces gives
-    the same rows: the streaming decoder and the whole-utterance decode see the same noise.
-    """
-    return rng.standard_normal((n_frames, channels), dtype=np.float32)
 
 
 class SoVITS(nn.Module):
@@ -616,27 +141,11 @@ class SoVITS(nn.Module):
             out[key] = np.ascontiguousarray(value)
         return out
 
-    def load_weights_from(self, weights: dict[str, np.ndarray], source: str = "weights") -> None:
-        """Sanitize and load strictly: every parameter must come from `weights`, with its shape."""
-        clean = self.sanitize(weights)
-        expected = dict(tree_flatten(self.parameters()))
-        missing = sorted(set(expected) - set(clean))
-        unexpected = sorted(set(clean) - set(expected))
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{source}: SoVITS weights do not match the v2 architecture; missing {missing[:5]}"
-                f"{'...' if len(missing) > 5 else ''} ({len(missing)}), unexpected {unexpected[:5]}"
-                f"{'...' if len(unexpected) > 5 else ''} ({len(unexpected)}). Use a GPT-SoVITS v2 SoVITS .pth."
-            )
-        bad = [k for k in expected if tuple(expected[k].shape) != tuple(clean[k].shape)]
-        if bad:
-            k = bad[0]
-            raise CheckpointError(
-                f"{source}: {len(bad)} SoVITS tensors have unexpected shapes, e.g. {k}: "
-                f"{tuple(clean[k].shape)} vs {tuple(expected[k].shape)}; the config does not match the weights"
-            )
-        self.load_weights([(k, mx.array(v)) for k, v in clean.items()], strict=True)
-        mx.eval(self.parameters())
+    def load_weights_from(self, weights: dict[str, np.ndarray], source: str = "weights") -> int:
+        """Sanitize and load strictly: every parameter must come from `weights`, with its shape.
+        Returns the number of tensors loaded."""
+        return load_strict(self, self.sanitize(weights), source, what="SoVITS",
+                           hint="use a GPT-SoVITS v2 SoVITS .pth")
 
     # ---------------------------------------------------------------- public API (numpy)
 
@@ -675,7 +184,7 @@ class SoVITS(nn.Module):
         seed: int | None = None,
     ) -> dict[str, np.ndarray]:
         """Everything before the vocoder: `m_p`, `logs_p`, `z` (192, T') and `ge` (512,), numpy."""
-        ge_mx = self._ge(refer_spec, ge)
+        ge_mx = self.style_array(refer_spec, ge)
         m_p, logs_p, z = self._latent(codes, phone_ids, ge_mx, speed, noise_scale, noise, seed)
         return {"m_p": np.array(m_p[0].T), "logs_p": np.array(logs_p[0].T), "z": np.array(z[0].T),
                 "ge": np.array(ge_mx[0, 0])}
@@ -699,19 +208,10 @@ class SoVITS(nn.Module):
         `noise` (192, T') injects the standard-normal draw (for parity with a recorded run);
         otherwise it is drawn frame by frame from `numpy.random.default_rng(seed)` (`frame_noise`).
         """
-        ge_mx = self._ge(refer_spec, ge)
+        ge_mx = self.style_array(refer_spec, ge)
         _, _, z = self._latent(codes, phone_ids, ge_mx, speed, noise_scale, noise, seed)
         audio = self.vocode(z, ge_mx)
         return np.array(audio[0, :, 0], dtype=np.float32)
-
-    def stream_decoder(self, phone_ids: np.ndarray, refer_spec: np.ndarray | None = None, **kwargs: Any):
-        """A `SoVITSStreamDecoder` for one utterance: feed codes as the GPT makes them, get audio.
-
-        Arguments as `decode` (without the codes) plus the window settings of the stream decoder.
-        """
-        from .sovits_stream import SoVITSStreamDecoder
-
-        return SoVITSStreamDecoder(self, phone_ids, refer_spec, **kwargs)
 
     def vocode(self, z: mx.array, ge: mx.array) -> mx.array:
         """HiFi-GAN: latent (1, T', 192) + style (1, 1, 512) -> audio (1, 640 * T', 1), lazily."""
@@ -753,9 +253,11 @@ class SoVITS(nn.Module):
         b = self.bucket_frames
         return frames if b <= 0 else -(-frames // b) * b
 
-    # ---------------------------------------------------------------- internals (MLX, channels-last)
+    # ------------------------------------------ the pieces of a decode (MLX, channels-last), for streaming
 
-    def _ge(self, refer_spec: np.ndarray | None, ge: np.ndarray | None) -> mx.array:
+    def style_array(self, refer_spec: np.ndarray | None = None, ge: np.ndarray | None = None) -> mx.array:
+        """The style vector as MLX (1, 1, 512): the precomputed `ge` (512,) if given, else computed
+        from `refer_spec` (1025, F). Raises ValueError when neither is given or `ge` has the wrong size."""
         if ge is not None:
             g = np.asarray(ge, dtype=np.float32).reshape(-1)
             if g.size != self.config.gin_channels:
@@ -765,13 +267,16 @@ class SoVITS(nn.Module):
             raise ValueError("decode needs refer_spec (1025, F) or a style vector ge (512,)")
         return mx.array(self.style_vector(refer_spec))[None, None]
 
-    def _check_codes(self, codes) -> np.ndarray:
+    def check_codes(self, codes) -> np.ndarray:
+        """Semantic codes as a flat array (may be empty); ValueError if one lies outside the codebook."""
         codes = np.asarray(codes).reshape(-1)
         if codes.size and (codes.min() < 0 or codes.max() >= self.config.codebook_size):
             raise ValueError(f"codes must lie in [0, {self.config.codebook_size}), got [{codes.min()}, {codes.max()}]")
         return codes
 
-    def _check_phones(self, phone_ids, speed: float) -> np.ndarray:
+    def check_phones(self, phone_ids, speed: float) -> np.ndarray:
+        """Phone ids as a flat array; ValueError if there are none, one lies outside the symbol table,
+        or `speed` is not positive."""
         phones = np.asarray(phone_ids).reshape(-1)
         if phones.size == 0:
             raise ValueError("decode needs at least one phone id")
@@ -781,19 +286,19 @@ class SoVITS(nn.Module):
             raise ValueError(f"speed must be positive, got {speed}")
         return phones
 
-    def _frames(self, codes: np.ndarray) -> mx.array:
-        """Codes (N,) -> codebook vectors at 50 Hz (1, T, 768)."""
+    def codebook_frames(self, codes: np.ndarray) -> mx.array:
+        """Checked codes (N,) -> their codebook vectors at 50 Hz (1, T, 768), the input of `enc_p`."""
         q = self.quantizer.decode(mx.array(codes.astype(np.int32)))[None]  # (1, N, 768)
         if self.config.semantic_frame_rate == "25hz":
             q = mx.repeat(q, 2, axis=1)  # nearest x2 -> 50 Hz
         return q
 
     def _latent(self, codes, phone_ids, ge: mx.array, speed: float, noise_scale: float, noise, seed):
-        codes = self._check_codes(codes)
-        phones = self._check_phones(phone_ids, speed)
+        codes = self.check_codes(codes)
+        phones = self.check_phones(phone_ids, speed)
         if codes.size == 0:
             raise ValueError("decode needs at least one code (upstream decodes [0] when the GPT stops at once)")
-        m_p, logs_p = self.enc_p(self._frames(codes), mx.array(phones.astype(np.int32))[None], ge, speed)
+        m_p, logs_p = self.enc_p(self.codebook_frames(codes), mx.array(phones.astype(np.int32))[None], ge, speed)
         if noise is not None:
             eps = np.asarray(noise, dtype=np.float32)
             if eps.shape != (m_p.shape[2], m_p.shape[1]):

@@ -29,15 +29,12 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
 
-from .sovits import frame_noise, interpolate_linear
-
-if TYPE_CHECKING:
-    from .sovits import SoVITS
+from .sovits import SoVITS
+from .sovits_layers import frame_noise, interpolate_linear
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +73,8 @@ class SoVITSStreamDecoder:
     Windows run when at least `first_chunk_codes` (first window) or `chunk_codes` (later windows)
     codes arrived since the previous one, so feeding one code at a time is fine. Concatenating every
     returned array gives exactly `len(SoVITS.decode(all_codes, ...))` samples.
+
+    Built per utterance from a loaded model: `SoVITSStreamDecoder(sovits, phone_ids, ge=style, speed=...)`.
     """
 
     def __init__(
@@ -106,7 +105,7 @@ class SoVITSStreamDecoder:
             raise ValueError("context_frames must be >= 0 and the chunk sizes >= 1")
         self.model = model
         cfg = model.config
-        phones = model._check_phones(phone_ids, speed)
+        phones = model.check_phones(phone_ids, speed)
         self.speed = float(speed)
         self.noise_scale = float(noise_scale)
         self.first_chunk_codes = first_chunk_codes
@@ -116,7 +115,7 @@ class SoVITSStreamDecoder:
         self.context = context_frames
         self.hop = cfg.upsample_factor
         self._frames_per_code = 2 if cfg.semantic_frame_rate == "25hz" else 1
-        self._ge = model._ge(refer_spec, ge)
+        self._ge = model.style_array(refer_spec, ge)
         self._text = model.enc_p.encode_text(mx.array(phones.astype(np.int32))[None])  # same for every window
         mx.eval(self._ge, self._text)
         self._rng = np.random.default_rng(seed)
@@ -138,7 +137,7 @@ class SoVITSStreamDecoder:
         """Append new codes; returns newly finished float32 audio (often empty)."""
         if self._finished:
             raise RuntimeError("feed() after finish(): start a new stream decoder for the next utterance")
-        new = self.model._check_codes(np.atleast_1d(np.asarray(codes)))
+        new = self.model.check_codes(np.atleast_1d(np.asarray(codes)))
         self._codes.extend(int(c) for c in new)
         want = self.first_chunk_codes if self.windows == 0 else self.chunk_codes
         if self.n_codes - self._codes_at_last_window < want:
@@ -173,7 +172,7 @@ class SoVITSStreamDecoder:
 
     def _hidden(self, codes: np.ndarray) -> mx.array:
         """enc_p's hidden frames (1, T, C) before speed and projection, over all codes so far."""
-        return self.model.enc_p.hidden(self.model._frames(codes), self._text, self._ge)
+        return self.model.enc_p.hidden(self.model.codebook_frames(codes), self._text, self._ge)
 
     def _window(self, final: bool) -> np.ndarray:
         model = self.model

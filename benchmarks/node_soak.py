@@ -1,9 +1,11 @@
 """A long run of the node's service: 1,000 sequential requests on the real engine; RSS must not grow.
 
-    python benchmarks/node_soak.py [--requests 1000] [--tokens 4] [--json out/node_soak.json]
+    python benchmarks/node_soak.py [--requests 1000] [--tokens 4] [--models tiny|oracle] [--json out/node_soak.json]
 
 Each request goes through `TTSService` exactly as `dora run` delivers it (the `mlx-owner` thread,
-the outbox, the stats) on the oracle's random-weight voice laid out under three voice ids, and the
+the outbox, the stats) on random-weight voices in the real formats laid out under three voice ids
+(`tiny`: the fast tier's few-layer models, ~0.3 s a request on mlx-cpu; `oracle`: the oracle's
+full-size ones, ~15 s a request on the 2-core dev machine), and the
 requests cycle through what a long-lived node meets: Chinese, English and mixed text, a voice switch,
 `VOICE:CUSTOM` clips (more distinct clips than the engine keeps prepared, so its LRU drops some),
 a payload that is an error, one with nothing to speak, a `stats` control and a text cancelled by
@@ -27,6 +29,7 @@ import pyarrow as pa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools" / "oracle"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "tests" / "support"))
 
 from bench_memory import layout, rss_mb  # noqa: E402
 
@@ -71,13 +74,19 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--tokens", type=int, default=4, help="MAX_NEW_TOKENS (random weights rarely stop)")
     ap.add_argument("--clips", type=int, default=MAX_PROMPTS + 8, help="distinct VOICE:CUSTOM clips")
+    ap.add_argument("--models", choices=["tiny", "oracle"], default="tiny")
     ap.add_argument("--json", type=Path, default=ROOT / "out" / "node_soak.json")
     args = ap.parse_args()
-    import oracle_env
-
-    fixture = oracle_env.ensure_fixtures() / "model_dir" / "moyoyo"
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
+        root = Path(tmp) / "models"
+        if args.models == "tiny":
+            from tiny_models import build_tiny_model_dir
+
+            fixture = build_tiny_model_dir(Path(tmp) / "tiny") / "moyoyo"
+        else:
+            import oracle_env
+
+            fixture = oracle_env.ensure_fixtures() / "model_dir" / "moyoyo"
         layout(fixture, root)
         rng = np.random.default_rng(0)
         clips = []
@@ -117,7 +126,7 @@ def main() -> int:
     base = rss[min(BASELINE_AFTER, len(rss)) - 1]
     growth = (rss[-1] - base) / base
     report = {
-        "requests": args.requests, "tokens": args.tokens, "custom_clips": args.clips, "max_prompts": MAX_PROMPTS,
+        "requests": args.requests, "models": args.models, "tokens": args.tokens, "custom_clips": args.clips, "max_prompts": MAX_PROMPTS,
         "statuses": dict(tally.statuses), "messages": tally.messages,
         "completions": sum(tally.statuses.values()),
         "rss_after_first_mb": rss[0], f"rss_after_{BASELINE_AFTER}_mb": base, "rss_end_mb": rss[-1],

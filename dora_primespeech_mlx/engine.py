@@ -35,7 +35,15 @@ import mlx.core as mx
 import numpy as np
 
 from .constants import MAX_DECODE_STEPS
-from .options import SAMPLE_RATE, AudioChunk, NothingToSpeak, SynthesisCancelled, SynthesisOptions, WrongThreadError
+from .options import (
+    SAMPLE_RATE,
+    AudioChunk,
+    NothingToSpeak,
+    SynthesisCancelled,
+    SynthesisOptions,
+    WrongThreadError,
+    join_audio,
+)
 from .text.frontend import request_sentences
 from .voices import Voice, VoiceRegistry
 
@@ -285,18 +293,16 @@ class Engine:
             if key in self._prompts:
                 self._prompts.move_to_end(key)
                 return self._prompts[key]
-        from .audio import load_reference_audio
+        from .audio import reference_features
 
         t0 = time.perf_counter()
         _, sovits = self.voice_models(voice)
-        ref = load_reference_audio(voice.reference_audio)
-        codes = sovits.extract_latent(self.hubert()(ref.wav16k_padded))
+        codes, spec = reference_features(voice.reference_audio, self.hubert(), sovits)
         if self.precision != "fp32" and self._hubert is not None:
             # the lower precisions are the memory modes: HuBERT only makes prompt codes, once per
             # voice, so its 0.38 GB go until another voice needs it (reloaded then, ~1 s)
             self._hubert = None
             mx.clear_cache()
-        spec = sovits.spectrogram(ref.wav32k)
         style = sovits.style_vector(spec)
         prompt_text = voice.prompt_text.strip()
         if prompt_text and prompt_text[-1] not in "。.!?！？…":
@@ -519,8 +525,7 @@ class Engine:
                 else:
                     timings[k] = timings.get(k, 0.0) + v
         timings["total_s"] = time.perf_counter() - t0
-        audio = np.concatenate([c.audio for c in chunks]) if chunks else np.zeros(0, np.float32)
-        result = AudioResult(audio, self.sample_rate, timings, sentences=len(chunks))
+        result = AudioResult(join_audio(chunks), self.sample_rate, timings, sentences=len(chunks))
         if result.duration > 0:
             timings["rtf"] = timings["total_s"] / result.duration
         return result

@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten
 
 from dora_primespeech_mlx.models.t2s_io import load_t2s
 from dora_primespeech_mlx.models.t2s_precision import apply_precision
-from dora_primespeech_mlx.node_service import NodeConfig
+from dora_primespeech_mlx.node_config import NodeConfig
 
 N_POSITIONS = 200
 # measured on the fixture GPT on mlx-cpu (random weights: flat logits, min top-1/top-2 gap 4e-3 of a

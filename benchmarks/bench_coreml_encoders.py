@@ -14,46 +14,36 @@ the MLX rows are measured and the Core ML rows say why they are missing.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
+from harness import add_json_arg, machine_info, oracle_on_path, timed, write_report
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools" / "oracle"))
+oracle_on_path()
 
 from dora_primespeech_mlx.coreml import convert_coreml, default_coreml_dir, moyoyo_dir, spec  # noqa: E402
 from dora_primespeech_mlx.coreml.runtime import coreml_unavailable_reason, load_coreml_encoders  # noqa: E402
 
 
-def timed(fn, repeats: int) -> dict:
-    t0 = time.perf_counter()
-    fn()
-    first = 1000 * (time.perf_counter() - t0)
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        runs.append(1000 * (time.perf_counter() - t0))
-    return {"first_ms": round(first, 2), "median_ms": round(statistics.median(runs), 2),
-            "min_ms": round(min(runs), 2)}
+def first_median_min(fn, repeats: int) -> dict:
+    """ms of the first (cold) call, then median and min of `repeats` warm calls."""
+    r = timed(fn, repeats, warmup=1)
+    return {"first_ms": round(1000 * r["warmup_s"][0], 2), "median_ms": round(1000 * r["median_s"], 2),
+            "min_ms": round(1000 * r["min_s"], 2)}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model-dir", type=Path)
     ap.add_argument("--coreml-dir", type=Path)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--json", type=Path, default=ROOT / "out" / "bench_coreml_encoders.json")
-    args = ap.parse_args()
+    add_json_arg(ap, "bench_coreml_encoders")
+    args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.model_dir is None:
         import oracle_env
@@ -68,8 +58,7 @@ def main() -> int:
     chars = args.tokens - 2
     text = ("今天天气很好我们一起去公园散步吧" * (chars // 16 + 1))[:chars]
     word2ph = [2] * chars
-    report = {"machine": platform.platform(), "processor": platform.processor(), "mlx": mx.__version__,
-              "device": str(mx.default_device()), "model_dir": str(args.model_dir),
+    report = {**machine_info(), "model_dir": str(args.model_dir),
               "inputs": {"wav_samples": int(wav.size), "hubert_frames": spec.hubert_frames(wav.size),
                          "bert_tokens": args.tokens}}
 
@@ -77,9 +66,9 @@ def main() -> int:
     from dora_primespeech_mlx.models.hubert import load_hubert
 
     hubert, bert = load_hubert(moyoyo / "chinese-hubert-base"), load_bert(moyoyo / "chinese-roberta-wwm-ext-large")
-    report["mlx"] = {"hubert": timed(lambda: hubert(wav), args.repeats),
-                     "bert": timed(lambda: bert.phone_features(text, word2ph), args.repeats)}
-    del hubert, bert
+    report["mlx"] = {"hubert": first_median_min(lambda: hubert(wav), args.repeats),
+                     "bert": first_median_min(lambda: bert.phone_features(text, word2ph), args.repeats)}
+    hubert = bert = None  # freed before Core ML loads (the lambdas above have run)
 
     reason = coreml_unavailable_reason(use_ane=True)
     if reason is None:
@@ -93,8 +82,8 @@ def main() -> int:
         if enc is None:
             reason = "loading failed (see the log line above)"
         else:
-            report["coreml"] = {"hubert": timed(lambda: enc.hubert(wav), args.repeats),
-                                "bert": timed(lambda: enc.bert.phone_features(text, word2ph), args.repeats)}
+            report["coreml"] = {"hubert": first_median_min(lambda: enc.hubert(wav), args.repeats),
+                                "bert": first_median_min(lambda: enc.bert.phone_features(text, word2ph), args.repeats)}
     report["coreml_skipped"] = reason
 
     print(f"{'encoder':<10}{'backend':<10}{'first ms':>10}{'median ms':>11}{'min ms':>9}")
@@ -107,8 +96,7 @@ def main() -> int:
             print(f"{'both':<10}{backend:<10}{'':>10}{total:>11.1f}   (target < 15 ms on the Neural Engine)")
     if reason:
         print(f"Core ML not measured: {reason}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1))
+    write_report(report, args.json)
     return 0
 
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import add_json_arg, machine_info, oracle_on_path, peak_rss_mb, write_report
 
 
 def node(model_dir: str, voice: str, precision: str) -> None:
@@ -46,8 +45,7 @@ def node(model_dir: str, voice: str, precision: str) -> None:
     if status.exists():  # Linux: the resident set now, after loading and one synthesis
         line = next(x for x in status.read_text().splitlines() if x.startswith("VmRSS:"))
         rss_now = int(line.split()[1]) / 1024
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak_mb = peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+    peak_mb = peak_rss_mb()
     print(json.dumps({"voice": voice, "precision": precision, "peak_rss_mb": peak_mb, "rss_mb": rss_now,
                       "mlx_peak_mb": mx.get_peak_memory() / 1e6, "seconds": time.perf_counter() - t0,
                       "audio_s": result.duration,
@@ -55,23 +53,23 @@ def node(model_dir: str, voice: str, precision: str) -> None:
                                      "hubert": mb(engine._hubert) if engine._hubert is not None else 0.0}}))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--precision", nargs="+", default=["fp32", "fp16", "int8"])
     ap.add_argument("--model-dir", type=Path, help="PrimeSpeech model dir (default: the oracle's smoke voices)")
     ap.add_argument("--voices", nargs=3, default=["Doubao"] * 3,
                     help="the three nodes' voices (the smoke model dir holds Doubao's files only)")
-    ap.add_argument("--json", type=Path, default=ROOT / "out" / "bench_debate_memory.json")
+    add_json_arg(ap, "bench_debate_memory")
     ap.add_argument("--node", nargs=3, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.node:
         node(*args.node)
         return 0
-    sys.path.insert(0, str(ROOT / "tools" / "oracle"))
+    oracle_on_path()
     import oracle_env
 
     model_dir = args.model_dir or oracle_env.ensure_fixtures() / "model_dir"
-    report = {"model_dir": str(model_dir), "voices": args.voices, "runs": {}}
+    report = {**machine_info(), "model_dir": str(model_dir), "voices": args.voices, "runs": {}}
     for precision in args.precision:
         procs = [subprocess.Popen([sys.executable, __file__, "--node", str(model_dir), voice, precision],
                                   stdout=subprocess.PIPE, text=True) for voice in args.voices]
@@ -90,9 +88,7 @@ def main() -> int:
               + (f", {steady:.0f} MB resident after synthesis" if steady else "")
               + f"; weights per node: GPT {w['gpt']:.0f}, SoVITS {w['sovits']:.0f}, RoBERTa {w['bert']:.0f}, "
               f"HuBERT {w['hubert']:.0f} MB (0: unloaded after the prompt)", flush=True)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1))
-    print(f"JSON: {args.json}")
+    write_report(report, args.json)
     return 0
 
 

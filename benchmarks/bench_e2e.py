@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import platform
-import resource
 import sys
 import tempfile
 import time
@@ -35,9 +33,9 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from harness import ROOT, add_json_arg, machine_info, oracle_on_path, peak_rss_mb, write_report
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools" / "oracle"))
+oracle_on_path()
 
 from dora_primespeech_mlx.audio import load_reference_audio
 from dora_primespeech_mlx.engine import Engine
@@ -48,12 +46,6 @@ from dora_primespeech_mlx.text.frontend import piece_to_sentence, text_to_phone_
 # 60 characters, three sentences after the split, English words inside Chinese sentences
 TEXT = "欢迎使用GPT-SoVITS语音合成，这个demo运行在Apple的MLX框架上。它支持中文和English混合的句子。"
 WARMUP_TEXT = "你好，欢迎光临。"
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
 def segments_for_oracle(sentence) -> list[dict]:
@@ -137,7 +129,7 @@ def run_streamed(engine: Engine, voice, options: SynthesisOptions, args) -> tupl
     return run, summed
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=50, help="semantic tokens per sentence, both sides")
     ap.add_argument("--model-dir", type=Path, help="PrimeSpeech model dir (default: the oracle's smoke voice)")
@@ -145,16 +137,15 @@ def main() -> int:
     ap.add_argument("--warmup-tokens", type=int, default=5, help="tokens of the warm-up sentence (0: none)")
     ap.add_argument("--first-chunk-tokens", type=int, help="streamed mode: tokens before the first chunk")
     ap.add_argument("--chunk-tokens", type=int, help="streamed mode: tokens per later chunk")
-    ap.add_argument("--json", type=Path, default=ROOT / "out" / "bench_e2e.json")
+    add_json_arg(ap, "bench_e2e")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
     ap.add_argument("--runs", type=int, default=3, help="runs per MLX mode; the median run is reported")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     import oracle_env
 
     model_dir = args.model_dir or oracle_env.ensure_fixtures() / "model_dir"
     options = SynthesisOptions(max_new_tokens=args.tokens, seed=0)
-    report: dict = {"machine": platform.platform(), "processor": platform.processor(), "mlx": mx.__version__,
-                    "device": str(mx.default_device()), "model_dir": str(model_dir), "voice": args.voice,
+    report: dict = {**machine_info(), "model_dir": str(model_dir), "voice": args.voice,
                     "text": TEXT, "text_chars": len(TEXT), "tokens_per_sentence": args.tokens,
                     "warmup_tokens": args.warmup_tokens}
 
@@ -235,9 +226,7 @@ def main() -> int:
                   f"PyTorch {theirs['tokens']}: an EOS came early; times are not like for like", file=sys.stderr)
 
     print_table(report)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1, ensure_ascii=False))
-    print(f"JSON: {args.json}")
+    write_report(report, args.json)
     return 0
 
 

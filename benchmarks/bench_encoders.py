@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -27,9 +26,9 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from harness import ROOT, add_json_arg, machine_info, oracle_on_path, wall_cpu_ms, write_report
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools" / "oracle"))
+oracle_on_path()
 
 from dora_primespeech_mlx.models.bert import load_bert  # noqa: E402
 from dora_primespeech_mlx.models.hubert import load_hubert  # noqa: E402
@@ -55,13 +54,6 @@ def bert_inputs(counts: list[int], cls_sep: list[int]) -> dict[str, np.ndarray]:
         body = rng.integers(670, 7990, n - 2)
         out[f"bert_{n}"] = np.array([cls_sep[0], *body, cls_sep[1]], dtype=np.int64)
     return out
-
-
-def _timed(fn) -> tuple[float, float]:
-    """(wall ms, process CPU ms) of one call: CPU time shows how much of the wall time was computing."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    return 1000 * (time.perf_counter() - t0), 1000 * (time.process_time() - c0)
 
 
 def _best(runs: list[tuple[float, float]]) -> dict:
@@ -110,31 +102,31 @@ def run_mlx(args, inputs: dict[str, np.ndarray], report: dict) -> None:
     n_layers = bert.phone_feature_layer
     res = {"load_s": time.perf_counter() - t0, "layers_run": n_layers, "sizes": {}}
     first_key = f"bert_{args.bert_tokens[0]}"
-    wall, cpu = _timed(lambda: bert.hidden_states(inputs[first_key], n_layers=n_layers))
+    wall, cpu = wall_cpu_ms(lambda: bert.hidden_states(inputs[first_key], n_layers=n_layers))
     res["first_call"] = {"tokens": args.bert_tokens[0], "ms": wall, "cpu_ms": cpu}
     ms_per_token = res["first_call"]["ms"] / args.bert_tokens[0]
     for n in args.bert_tokens:
         ids = inputs[f"bert_{n}"]
         if not fits(ms_per_token * n * args.repeats, f"MLX BERT {n} tokens"):
             continue
-        best = _best([_timed(lambda: bert.hidden_states(ids, n_layers=n_layers)) for _ in range(args.repeats)])
+        best = _best([wall_cpu_ms(lambda: bert.hidden_states(ids, n_layers=n_layers)) for _ in range(args.repeats)])
         ms_per_token = best["warm_ms"] / n
         res["sizes"][str(n)] = best
     report["mlx"]["bert"] = res
-    del bert
+    bert = None  # freed before HuBERT loads (the lambdas above have run)
 
     t0 = time.perf_counter()
     hubert = load_hubert(args.model_dir / "chinese-hubert-base")
     res: dict = {"load_s": time.perf_counter() - t0, "sizes": {}}
     first_key = f"hubert_{args.hubert_seconds[0]:g}"
-    wall, cpu = _timed(lambda: hubert(inputs[first_key]))
+    wall, cpu = wall_cpu_ms(lambda: hubert(inputs[first_key]))
     res["first_call"] = {"seconds": args.hubert_seconds[0], "ms": wall, "cpu_ms": cpu}
     ms_per_sample = res["first_call"]["ms"] / inputs[first_key].size
     for s in args.hubert_seconds:
         wav = inputs[f"hubert_{s:g}"]
         if not fits(ms_per_sample * wav.size * args.repeats, f"MLX HuBERT {s:g} s"):
             continue
-        best = _best([_timed(lambda: hubert(wav)) for _ in range(args.repeats)])
+        best = _best([wall_cpu_ms(lambda: hubert(wav)) for _ in range(args.repeats)])
         ms_per_sample = best["warm_ms"] / wav.size
         res["sizes"][f"{s:g}"] = {"samples": int(wav.size), "frames": (wav.size - 400) // 320 + 1, **best}
     if args.breakdown:
@@ -181,7 +173,7 @@ def print_table(args, report: dict) -> None:
           f"{torch_r.get('threads', '-')} thread(s); 'cpu' = process CPU time of the same call")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model-dir", type=Path,
                     help="folder with chinese-hubert-base/ and chinese-roberta-wwm-ext-large/")
@@ -195,9 +187,9 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=240, help="wall-time budget for the MLX side")
     ap.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                     help="skip the per-stage MLX HuBERT timing")
-    ap.add_argument("--json", type=Path, default=ROOT / "out" / "bench_encoders.json")
+    add_json_arg(ap, "bench_encoders")
     ap.add_argument("--no-torch", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if min(args.bert_tokens) < 3:
         ap.error("--bert-tokens counts include [CLS] and [SEP]; use at least 3")
     import oracle_env
@@ -208,8 +200,7 @@ def main() -> int:
 
     cls_sep = load_tokenizer(args.model_dir / "chinese-roberta-wwm-ext-large").encode("").ids
     inputs = {**hubert_inputs(args.hubert_seconds), **bert_inputs(args.bert_tokens, cls_sep)}
-    report: dict = {"machine": platform.platform(), "processor": platform.processor(), "mlx": {},
-                    "mlx_version": mx.__version__, "device": str(mx.default_device()),
+    report: dict = {**machine_info(), "mlx": {}, "mlx_version": mx.__version__,
                     "model_dir": str(args.model_dir), "repeats": args.repeats, "torch_repeats": args.torch_repeats,
                     "inputs": {k: int(v.size) for k, v in inputs.items()}}
     t0 = time.perf_counter()
@@ -227,9 +218,7 @@ def main() -> int:
             report["torch"]["wall_s"] = time.perf_counter() - t0
 
     print_table(args, report)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1))
-    print(f"JSON: {args.json}")
+    write_report(report, args.json)
     return 0
 
 

@@ -27,15 +27,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools" / "oracle"))
+from harness import ROOT, add_json_arg, machine_info, oracle_on_path, wall_cpu_ms, write_report
+
+oracle_on_path()
 
 DATA = ROOT / "tests" / "data"
 SETS = ("zh", "en", "mixed", "homograph")
@@ -117,23 +117,17 @@ def build_payload(limit: int | None = None) -> dict:
     return {"sets": sets, "rejected_lines": rejected}
 
 
-def _timed(fn) -> tuple[float, float]:
-    t0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    return 1000 * (time.perf_counter() - t0), 1000 * (time.process_time() - c0)
-
-
 def time_passes(convert, n_warm: int, n_timed: int, max_passes: int, min_seconds: float) -> dict:
     """`convert(part, i)` -> True on success. First call = warm-up line 0 (cold), then the other warm-up
     lines, then one pass over the timed lines (warm, unseen text), then repeats of it (repeated text)."""
-    first_ms, first_cpu = _timed(lambda: convert("warmup", 0))
+    first_ms, first_cpu = wall_cpu_ms(lambda: convert("warmup", 0))
     for i in range(1, n_warm):
         convert("warmup", i)
     passes, errors = [], 0
     t_start = time.perf_counter()
     while len(passes) < max_passes and (len(passes) < 2 or time.perf_counter() - t_start < min_seconds):
         failed: list[int] = []
-        passes.append(_timed(lambda: failed.extend(i for i in range(n_timed) if not convert("timed", i))))
+        passes.append(wall_cpu_ms(lambda: failed.extend(i for i in range(n_timed) if not convert("timed", i))))
         errors = len(failed)
     best = min(passes[1:]) if len(passes) > 1 else passes[0]
     return {"first_call_ms": first_ms, "first_call_cpu_ms": first_cpu, "unseen_ms": passes[0][0],
@@ -144,10 +138,9 @@ def time_passes(convert, n_warm: int, n_timed: int, max_passes: int, min_seconds
 def worker(set_name: str, api: str, payload_path: Path, max_passes: int, min_seconds: float) -> dict:
     """Ours, in this (fresh) process: import, first line, passes."""
     t0 = time.perf_counter()
+    import dora_primespeech_mlx.text.english  # noqa: F401  (as the oracle worker imports upstream's)
     from dora_primespeech_mlx.text.cleaner import clean_text
     from dora_primespeech_mlx.text.frontend import text_to_phone_segments
-
-    import dora_primespeech_mlx.text.english  # noqa: F401  (as the oracle worker imports upstream's)
     import_ms = 1000 * (time.perf_counter() - t0)
     data = json.loads(payload_path.read_text(encoding="utf-8"))["sets"][set_name]
 
@@ -209,16 +202,16 @@ def print_tables(report: dict) -> None:
         print(f"lines that raised (timed anyway): {errs}")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--max-passes", type=int, default=3)
     ap.add_argument("--min-seconds", type=float, default=3.0,
                     help="no further repeat pass once the passes have taken this long (at least one repeat)")
-    ap.add_argument("--json", type=Path, default=ROOT / "out" / "bench_frontend.json")
+    add_json_arg(ap, "bench_frontend")
     ap.add_argument("--no-oracle", action="store_true")
     ap.add_argument("--limit", type=int, help="at most this many lines per set (a quick check)")
     ap.add_argument("--worker", nargs=3, metavar=("SET", "API", "PAYLOAD"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.worker:
         set_name, api, payload = args.worker
         print(json.dumps(worker(set_name, api, Path(payload), args.max_passes, args.min_seconds)))
@@ -226,8 +219,7 @@ def main() -> int:
 
     t_all = time.perf_counter()
     payload = build_payload(args.limit)
-    report: dict = {"machine": platform.platform(), "processor": platform.processor(),
-                    "python": platform.python_version(), "rejected_lines": payload["rejected_lines"],
+    report: dict = {**machine_info(), "rejected_lines": payload["rejected_lines"],
                     "max_passes": args.max_passes, "min_seconds": args.min_seconds, "limit": args.limit,
                     "sets": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -253,9 +245,7 @@ def main() -> int:
                 entry["oracle"] = json.loads(proc.stdout.strip().splitlines()[-1])
     report["wall_s"] = time.perf_counter() - t_all
     print_tables(report)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
-    print(f"JSON: {args.json}")
+    write_report(report, args.json)
     return 0
 
 

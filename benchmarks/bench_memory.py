@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+from harness import add_json_arg, machine_info, oracle_on_path, rss_mb, write_report
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools" / "oracle"))
+oracle_on_path()
 
 from dora_primespeech_mlx.engine import Engine  # noqa: E402
 from dora_primespeech_mlx.options import SynthesisOptions  # noqa: E402
@@ -29,11 +29,6 @@ from dora_primespeech_mlx.voices import VoiceRegistry  # noqa: E402
 
 VOICES = ("Doubao", "Luo Xiang", "Maple")
 TEXTS = ("你好。", "今天天气不错。", "Hello there.", "我们去 park 散步吧。")
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
 def layout(fixture_moyoyo: Path, root: Path) -> None:
@@ -52,14 +47,14 @@ def layout(fixture_moyoyo: Path, root: Path) -> None:
             shutil.copy(fixture_moyoyo / src, dst)  # copies: distinct files, distinct model instances
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=12)
     ap.add_argument("--tokens", type=int, default=10)
     ap.add_argument("--every", type=int, default=10)
-    ap.add_argument("--json", type=Path, default=ROOT / "out" / "bench_memory.json")
-    args = ap.parse_args()
+    add_json_arg(ap, "bench_memory")
+    args = ap.parse_args(argv)
     import oracle_env
 
     fixture = oracle_env.ensure_fixtures() / "model_dir" / "moyoyo"
@@ -78,7 +73,7 @@ def main() -> int:
                                 "mlx_peak_mb": mx.get_peak_memory() / 1e6})
                 print(json.dumps(samples[-1]), flush=True)
     base, last = samples[0], samples[-1]
-    report = {"device": str(mx.default_device()), "mlx": mx.__version__, "requests": args.requests,
+    report = {**machine_info(), "requests": args.requests,
               "tokens_per_sentence": args.tokens, "voices": VOICES, "samples": samples,
               "rss_growth_after_warmup": (last["rss_mb"] - base["rss_mb"]) / base["rss_mb"],
               "mlx_active_growth_after_warmup": (last["mlx_active_mb"] - base["mlx_active_mb"]) / base["mlx_active_mb"]}
@@ -86,8 +81,7 @@ def main() -> int:
           f"({100 * report['rss_growth_after_warmup']:+.1f} %), MLX active {base['mlx_active_mb']:.0f} -> "
           f"{last['mlx_active_mb']:.0f} MB ({100 * report['mlx_active_growth_after_warmup']:+.1f} %), "
           f"cache {last['mlx_cache_mb']:.0f} MB, peak {last['mlx_peak_mb']:.0f} MB, {last['s']:.1f} s")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1))
+    write_report(report, args.json)
     return 0
 
 

@@ -20,18 +20,15 @@ tokens differ once they diverge); the SoVITS stage stays fp32. JSON to out/bench
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from harness import add_json_arg, machine_info, oracle_on_path, write_report
 from mlx.utils import tree_flatten
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools" / "oracle"))
+oracle_on_path()
 
 from dora_primespeech_mlx.constants import PRECISIONS
 from dora_primespeech_mlx.models.t2s_io import load_t2s
@@ -62,21 +59,20 @@ def teacher_forced_logits(model, inputs, tokens: list[int]) -> np.ndarray:
     return logits[-len(tokens):]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--precisions", nargs="+", default=list(PRECISIONS))
     ap.add_argument("--no-bert", action="store_true", help="skip the RoBERTa fp16 measurement")
-    ap.add_argument("--json", type=Path, default=ROOT / "out" / "bench_precision.json")
-    args = ap.parse_args()
+    add_json_arg(ap, "bench_precision")
+    args = ap.parse_args(argv)
     import oracle_env
 
     fixtures = oracle_env.ensure_fixtures()
     refs = np.load(fixtures / "refs.npz")
     inputs = (refs["in_phones"][0], refs["in_bert"][0], refs["in_prompt"][0])
     gpt = next((fixtures / "model_dir" / "moyoyo" / "GPT_weights").glob("*.ckpt"))
-    report: dict = {"machine": platform.platform(), "mlx": mx.__version__, "device": str(mx.default_device()),
-                    "steps": args.steps, "gpt": {}}
+    report: dict = {**machine_info(), "steps": args.steps, "gpt": {}}
     ref_model = load_t2s(gpt)
     ref_tokens, _ = greedy(ref_model, inputs, args.steps)
     ref_logits = teacher_forced_logits(ref_model, inputs, ref_tokens)
@@ -118,9 +114,7 @@ def main() -> int:
                                "max_err_rel_to_peak": float(np.abs(got - ref).max() / np.abs(ref).max())}
         print(f"BERT fp16: weights {report['bert_fp16']['weights_mb']:.0f} MB, phone features max err "
               f"{report['bert_fp16']['max_err_rel_to_peak']:.2e} of peak")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1))
-    print(f"JSON: {args.json}")
+    write_report(report, args.json)
     return 0
 
 

@@ -12,17 +12,14 @@ and bucketing choices in the engine rest on figures. JSON to out/bench_shapes.js
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from harness import add_json_arg, machine_info, oracle_on_path, write_report
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools" / "oracle"))
+oracle_on_path()
 
 from dora_primespeech_mlx.engine import Engine
 from dora_primespeech_mlx.models.sovits_stream import SoVITSStreamDecoder
@@ -52,11 +49,11 @@ def cold_warm(fn, sizes: list[int]) -> list[dict]:
     return rows
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--json", type=Path, default=ROOT / "out" / "bench_shapes.json")
+    add_json_arg(ap, "bench_shapes")
     ap.add_argument("--tokens", type=int, default=50)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     import oracle_env
 
     model_dir = oracle_env.ensure_fixtures() / "model_dir"
@@ -65,7 +62,7 @@ def main() -> int:
     t2s, sovits = engine.voice_models(voice)
     prompt = engine.prepare_voice(voice)
     rng = np.random.default_rng(0)
-    report: dict = {"machine": platform.platform(), "mlx": mx.__version__, "device": str(mx.default_device())}
+    report: dict = machine_info()
     ge = mx.array(prompt.style)[None, None]
 
     def decode(n: int):
@@ -163,9 +160,7 @@ def main() -> int:
                          "arrivals_s": arrivals})
             print(f"run {i} streaming={streaming}: first {arrivals[0]:.3f} s total {arrivals[-1]:.3f} s", flush=True)
     report["engine_runs"] = runs
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1))
-    print(f"JSON: {args.json}")
+    write_report(report, args.json)
     return 0
 
 

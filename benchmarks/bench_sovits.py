@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -21,10 +20,10 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from harness import ROOT, add_json_arg, machine_info, oracle_on_path, write_report
 from mlx import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools" / "oracle"))
+oracle_on_path()
 
 from dora_primespeech_mlx.models.hifigan import LRELU_SLOPE
 from dora_primespeech_mlx.models.sovits import SoVITS, frame_noise, load_sovits
@@ -90,14 +89,14 @@ def torch_stage_sums(stages: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sovits", type=Path)
     ap.add_argument("--seconds", type=float, nargs="+", default=[2.0, 12.0])
-    ap.add_argument("--json", type=Path, default=ROOT / "out" / "bench_sovits.json")
+    add_json_arg(ap, "bench_sovits")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     import oracle_env
 
     fx = oracle_env.ensure_fixtures()
@@ -113,8 +112,7 @@ def main() -> int:
         names.append(name)
         inputs[f"{name}_codes"] = rng.integers(0, 1024, (1, 1, n))
         inputs[f"{name}_phones"] = rng.integers(0, 732, (1, max(8, int(10 * sec))))  # ~10 phones per second
-    report: dict = {"machine": platform.platform(), "processor": platform.processor(), "mlx": mx.__version__,
-                    "device": str(mx.default_device()), "sovits": str(path), "noise_scale": 0.5, "mlx_runs": {}}
+    report: dict = {**machine_info(), "sovits": str(path), "noise_scale": 0.5, "mlx_runs": {}}
 
     t0 = time.perf_counter()
     model = load_sovits(path)
@@ -194,9 +192,7 @@ def main() -> int:
         print(f"\nprofile, {name}: MLX enc_p {st['enc_p']:.0f} / flow {st['flow']:.0f} / HiFi-GAN {st['hifigan']:.0f} ms"
               + (f"; PyTorch enc_p {tt['enc_p']:.0f} / flow {tt['flow']:.0f} / HiFi-GAN {tt['hifigan']:.0f} ms"
                  if tt else ""))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1))
-    print(f"JSON: {args.json}")
+    write_report(report, args.json)
     return 0
 
 

@@ -11,27 +11,24 @@ bucket do not. JSON to out/bench_stream_windows.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
+from harness import add_json_arg, machine_info, oracle_on_path, write_report
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools" / "oracle"))
+oracle_on_path()
 
 from dora_primespeech_mlx.engine import Engine
 from dora_primespeech_mlx.models.sovits_stream import SoVITSStreamDecoder
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bucket", type=int, nargs="+", default=[32, 64, 128])
-    ap.add_argument("--json", type=Path, default=ROOT / "out" / "bench_stream_windows.json")
-    args = ap.parse_args()
+    add_json_arg(ap, "bench_stream_windows")
+    args = ap.parse_args(argv)
     import oracle_env
 
     engine = Engine(oracle_env.ensure_fixtures() / "model_dir")
@@ -41,7 +38,7 @@ def main() -> int:
     rng = np.random.default_rng(0)
     phones, codes = rng.integers(1, 300, 30), rng.integers(0, 1024, 50)
     env = {k: v for k, v in os.environ.items() if k.startswith("MLX_")}
-    report = {"device": str(mx.default_device()), "env": env, "runs": []}
+    report = {**machine_info(), "env": env, "runs": []}
     for bucket in args.bucket:
         sovits.bucket_frames = bucket
         for rep in range(4):
@@ -57,8 +54,7 @@ def main() -> int:
             windows.append((time.perf_counter() - t0) * 1e3)
             report["runs"].append({"bucket": bucket, "run": rep, "windows_ms": windows})
             print(f"bucket {bucket} run {rep}: " + ", ".join(f"{w:.1f}" for w in windows) + " ms", flush=True)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1))
+    write_report(report, args.json)
     return 0
 
 

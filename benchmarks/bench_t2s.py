@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -25,9 +24,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from harness import ROOT, add_json_arg, machine_info, oracle_on_path, timed, write_report
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools" / "oracle"))
+oracle_on_path()
 
 from dora_primespeech_mlx.models.cache import KVCache  # noqa: E402
 from dora_primespeech_mlx.models.t2s_generate import COMPILE_BLOCK  # noqa: E402
@@ -50,14 +49,7 @@ def mlx_decode(model, phones, bert, prompt, n, cache_kind=None, compile=False):
 
 def median_ms(fn, repeats: int) -> float:
     """Median wall time of `mx.eval(fn())` in ms, after one untimed warm-up call."""
-    mx.eval(fn())
-    times = []
-    for _ in range(repeats):
-        mx.synchronize()
-        t0 = time.perf_counter()
-        mx.eval(fn())
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+    return 1000 * timed(lambda: mx.eval(fn()), repeats, warmup=1, before=mx.synchronize)["median_s"]
 
 
 def profile_step(model, kv_len: int, n_text: int, repeats: int) -> dict:
@@ -158,14 +150,14 @@ def profile_step(model, kv_len: int, n_text: int, repeats: int) -> dict:
     return {"kv_len": kv_len, "n_layers": cfg.n_layer, "static_capacity": capacity, "repeats": repeats, "ms": ms}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ckpt", type=Path)
     ap.add_argument("--tokens", type=int, nargs="+", default=[100, 500])
-    ap.add_argument("--json", type=Path, default=ROOT / "out" / "bench_t2s.json")
+    add_json_arg(ap, "bench_t2s")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--repeats", type=int, default=7, help="repeats of each profiled part (median)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     import oracle_env
 
     ckpt = args.ckpt or oracle_env.ensure_fixtures() / "model_dir/moyoyo/GPT_weights/doubao-mixed.ckpt"
@@ -173,19 +165,13 @@ def main() -> int:
     phones = rng.integers(0, 732, 60)  # ~ a prompt transcript plus one sentence
     bert = rng.standard_normal((1024, 60)).astype(np.float32)
     prompt = rng.integers(0, 1024, 150)  # a 6 s reference clip
-    report = {"machine": platform.platform(), "processor": platform.processor(), "mlx": mx.__version__,
-              "device": str(mx.default_device()), "ckpt": str(ckpt), "inputs": {"phones": 60, "prompt": 150}}
+    report = {**machine_info(), "ckpt": str(ckpt), "inputs": {"phones": 60, "prompt": 150}}
 
     t0 = time.perf_counter()
     model = load_t2s(ckpt)
     report["mlx_load_s"] = time.perf_counter() - t0
-    model.prefill_logits(phones, bert, prompt)  # warm-up
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        model.prefill_logits(phones, bert, prompt)
-        times.append(time.perf_counter() - t0)
-    report["mlx_prefill_ms"] = 1000 * min(times)
+    prefill = timed(lambda: model.prefill_logits(phones, bert, prompt), 3, warmup=1)
+    report["mlx_prefill_ms"] = 1000 * prefill["min_s"]
     report["mlx_decode"] = {str(n): mlx_decode(model, phones, bert, prompt, n, "step") for n in args.tokens}
     n0 = args.tokens[0]
     report["mlx_decode_concat_cache"] = {str(n0): mlx_decode(model, phones, bert, prompt, n0, "concat")}
@@ -234,9 +220,7 @@ def main() -> int:
           f"alone; % of the eager step)")
     for name, value in ms.items():
         print(f"  {name:<32}{value:>10.3f} ms{100 * value / ms['step_eager']:>8.1f} %")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1))
-    print(f"JSON: {args.json}")
+    write_report(report, args.json)
     return 0
 
 

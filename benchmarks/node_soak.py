@@ -25,13 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from bench_memory import layout
+from harness import add_json_arg, machine_info, oracle_on_path, rss_mb, support_on_path, write_report
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools" / "oracle"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(ROOT / "tests" / "support"))
-
-from bench_memory import layout, rss_mb  # noqa: E402
+oracle_on_path()
+support_on_path()
 
 from dora_primespeech_mlx.engine import MAX_PROMPTS, Engine  # noqa: E402
 from dora_primespeech_mlx.node_config import NodeConfig  # noqa: E402
@@ -69,14 +67,14 @@ class Tally:
             self.statuses[data[0].as_py()] += 1
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--tokens", type=int, default=4, help="MAX_NEW_TOKENS (random weights rarely stop)")
     ap.add_argument("--clips", type=int, default=MAX_PROMPTS + 8, help="distinct VOICE:CUSTOM clips")
     ap.add_argument("--models", choices=["tiny", "oracle"], default="tiny")
-    ap.add_argument("--json", type=Path, default=ROOT / "out" / "node_soak.json")
-    args = ap.parse_args()
+    add_json_arg(ap, "node_soak")
+    args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "models"
         if args.models == "tiny":
@@ -126,7 +124,7 @@ def main() -> int:
     base = rss[min(BASELINE_AFTER, len(rss)) - 1]
     growth = (rss[-1] - base) / base
     report = {
-        "requests": args.requests, "models": args.models, "tokens": args.tokens, "custom_clips": args.clips, "max_prompts": MAX_PROMPTS,
+        **machine_info(), "requests": args.requests, "models": args.models, "tokens": args.tokens, "custom_clips": args.clips, "max_prompts": MAX_PROMPTS,
         "statuses": dict(tally.statuses), "messages": tally.messages,
         "completions": sum(tally.statuses.values()),
         "rss_after_first_mb": rss[0], f"rss_after_{BASELINE_AFTER}_mb": base, "rss_end_mb": rss[-1],
@@ -137,8 +135,7 @@ def main() -> int:
     print(f"{args.requests} requests, {report['completions']} completions {dict(tally.statuses)}; RSS after "
           f"{BASELINE_AFTER}: {base:.0f} MB, end {rss[-1]:.0f} MB ({100 * growth:+.2f} %, target < "
           f"{100 * TARGET_GROWTH:.0f} %), max {max(rss):.0f} MB; {report['wall_s']:.0f} s")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1))
+    write_report(report, args.json)
     ok = report["completions"] == args.requests and growth < TARGET_GROWTH
     return 0 if ok else 1
 

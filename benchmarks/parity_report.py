@@ -12,19 +12,17 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
+from harness import add_json_arg, machine_info, oracle_on_path, write_report
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools" / "oracle"))
+oracle_on_path()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--json", type=Path, default=ROOT / "out" / "parity.json")
-    args = ap.parse_args()
+    add_json_arg(ap, "parity")
+    args = ap.parse_args(argv)
     import oracle_env
 
     from dora_primespeech_mlx.models.bert import load_bert
@@ -35,7 +33,7 @@ def main() -> int:
     root = oracle_env.ensure_fixtures()
     moyoyo = root / "model_dir" / "moyoyo"
     refs = dict(np.load(root / "refs.npz"))
-    out = {"device": str(mx.default_device()), "mlx": mx.__version__}
+    out = machine_info()
     t0 = time.perf_counter()
 
     t2s = load_t2s(moyoyo / "GPT_weights" / "doubao-mixed.ckpt")
@@ -75,8 +73,7 @@ def main() -> int:
     out["bert_hidden_m3_max_abs"] = float(np.abs(hs[-3][1:-1] - refs["bert_hidden_m3"]).max())
     out["seconds"] = time.perf_counter() - t0
     print(json.dumps(out, indent=1))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(out, indent=1))
+    write_report(out, args.json)
     return 0
 
 

@@ -2,7 +2,7 @@
 
     python benchmarks/fuzz_checkpoints.py --cases 100000 --workers 2 [--seed 0] [--out out/fuzz]
 
-Seeds. Small valid files in every format the engine reads, written with `checkpoint_writer` (no
+Seeds. Small valid files in every format the engine reads, written with `weights.writer` (no
 torch): a tiny GPT `.ckpt` and a tiny SoVITS `.pth` (HParams config, weight-norm pairs, `enc_q.*`
 leftovers) that `load_t2s` / `load_sovits` load, a tiny HuBERT HF folder (`config.json` +
 `pytorch_model.bin`, and a `model.safetensors` twin) that `load_hubert` loads, and a "zoo" file with
@@ -580,7 +580,7 @@ class Mutator:
         case.files[name] = craft.with_pickle(case.files[name], bytes(pkl))
         case.notes.append("flip_pickle")
 
-    # -- object-level (rewritten with checkpoint_writer)
+    # -- object-level (rewritten with weights.writer)
 
     def _rewrite(self, case: Case, obj: Any) -> None:
         name = self._torch_name(case) or case.main

@@ -2,7 +2,7 @@
 
 Used by the hostile-file tests (tests/test_checkpoint.py) and the fuzz campaign
 (benchmarks/fuzz_checkpoints.py). Nothing here imports torch: files start from
-`checkpoint_writer`, and edits happen at three levels:
+`weights.writer`, and edits happen at three levels:
 
 - pickle: `disassemble` lists the opcodes of `data.pkl` as `Op(name, arg)`, `assemble` writes a list
   back (arguments re-encoded, so an edited int may change opcode); `Op("RAW", b"...")` inserts
@@ -128,7 +128,7 @@ _INTS = {"BININT1", "BININT2", "BININT", "LONG1", "LONG4"}
 
 
 def tensor_sites(ops: list[Op]) -> list[TensorSite]:
-    """Where each tensor's numbers are, for pickles laid out as torch.save / checkpoint_writer write them."""
+    """Where each tensor's numbers are, for pickles laid out as torch.save / weights.writer writes them."""
     sites = []
     for i, op in enumerate(ops):
         if op.name != "BINPERSID":

@@ -1,4 +1,4 @@
-"""Runs in the oracle virtualenv (real torch): load files written by checkpoint_writer and describe them.
+"""Runs in the oracle virtualenv (real torch): load files written by weights/writer.py and describe them.
 
     python torch_reads_checkpoints.py OUT.json torch FILE...   torch.load(weights_only=True), also with mmap
     python torch_reads_checkpoints.py OUT.json hf KIND DIR     transformers `from_pretrained` (KIND hubert|bert)

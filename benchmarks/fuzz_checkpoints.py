@@ -260,9 +260,10 @@ def run_reader(kind: str, path: Path) -> None:
         cfg = _wrap_config(path, lambda: SoVITSConfig.from_dict(config))
         cfg.check_weights(weights, path)
     elif kind in ("hubert", "hubert_st"):
-        from dora_primespeech_mlx.models.hubert import HubertConfig, _read_config
+        from dora_primespeech_mlx.models.base import read_hf_config
+        from dora_primespeech_mlx.models.hubert import HubertConfig
 
-        _read_config(path, HubertConfig)
+        read_hf_config(path, HubertConfig)
         checkpoint.load_hf_weights(path)
     else:
         run_target(kind, path)

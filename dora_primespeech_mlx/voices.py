@@ -257,18 +257,16 @@ def payload_file(path: str | os.PathLike, what: str, suffixes: tuple[str, ...] =
     p = _absolute(path, what)
     shown = shorten(str(path))
     try:
-        if allowed_dirs is not None:
-            # checked before existence: outside the folders, a payload learns nothing about the disk
-            real = Path(os.path.realpath(p))
-            if not any(real.is_relative_to(folder) for folder in allowed_dirs):
-                raise PermissionError(f"{what} {shown!r} is outside the folders this node reads payload files "
-                                      "from (ALLOWED_VOICE_DIRS); put the file in one of them")
-        is_file = p.is_file()
-    except PermissionError:
-        raise
+        # checked before existence: outside the allowed folders, a payload learns nothing about the disk
+        real = Path(os.path.realpath(p)) if allowed_dirs is not None else None
+        outside = real is not None and not any(real.is_relative_to(folder) for folder in allowed_dirs)
+        is_file = not outside and p.is_file()
     except (OSError, ValueError) as exc:  # e.g. ENAMETOOLONG, embedded NUL
         reason = getattr(exc, "strerror", None) or type(exc).__name__
         raise ValueError(f"{what} {shown!r} cannot be used: {reason}") from None
+    if outside:
+        raise PermissionError(f"{what} {shown!r} is outside the folders this node reads payload files "
+                              "from (ALLOWED_VOICE_DIRS); put the file in one of them")
     if not is_file:
         raise FileNotFoundError(f"{what} {shown!r} does not exist or is not a file; send an absolute path to "
                                 "an existing file")

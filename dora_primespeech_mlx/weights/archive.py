@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import itertools
-import logging
 import struct
 import zlib
 from dataclasses import dataclass
@@ -14,8 +13,6 @@ from typing import BinaryIO
 import numpy as np
 
 from .common import _ALLOWED_ZIP_FLAGS, _COST_ZIP_ENTRY, CheckpointError, _Budget
-
-logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------- zip
 

@@ -3,14 +3,12 @@ held to and the allocation budget that enforces them."""
 
 from __future__ import annotations
 
-import logging
 import reprlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
 
 class CheckpointError(ValueError):
     """A checkpoint file could not be read; the message names the file and what to do."""

@@ -4,15 +4,12 @@ with a size cap, and the range checks every stage's config uses."""
 from __future__ import annotations
 
 import json
-import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from .common import MAX_DEPTH, MAX_EXPANDED, CheckpointError, short_repr
-
-logger = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------- configs
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import math
 import os
 import struct
@@ -14,8 +13,6 @@ from pathlib import Path
 import numpy as np
 
 from .common import _COST_OBJ, _MAX_DIM, MAX_NDIM, CheckpointError, _Budget, short_repr
-
-logger = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------- safetensors
 

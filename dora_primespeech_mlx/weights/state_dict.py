@@ -3,7 +3,6 @@ checked, renamed and fused."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,8 +12,6 @@ import numpy as np
 from .common import CheckpointError, short_repr
 from .safetensors_io import read_safetensors
 from .torch_file import read_torch_file
-
-logger = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------- HF folders
 

@@ -23,7 +23,6 @@ Every refusal is a `CheckpointError` that names the file and says what is wrong.
 
 from __future__ import annotations
 
-import logging
 import os
 import struct
 from dataclasses import dataclass, field
@@ -33,8 +32,6 @@ from typing import Any, BinaryIO
 from .archive import _Archive
 from .common import _MAX_META, _MAX_PICKLE, _STORAGE_DTYPES, VERSION_TAGS, CheckpointError, _Budget
 from .unpickler import _SafeUnpickler, _Storage
-
-logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------- torch zip files
 

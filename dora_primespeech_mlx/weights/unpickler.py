@@ -4,7 +4,6 @@ calls, no mutation of objects from outside this load, every object charged to th
 from __future__ import annotations
 
 import collections
-import logging
 import math
 import pickletools
 import struct
@@ -33,8 +32,6 @@ from .common import (
     _Budget,
     short_repr,
 )
-
-logger = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------ pickle
 

@@ -6,6 +6,7 @@ Subcommands:
   bench            time load, voice preparation, whole and streamed synthesis of a text (JSON out)
   voices           list the voices and whether their files exist under the model directory
   inspect PATH     read a GPT .ckpt, SoVITS .pth or HF model folder without torch and summarise it
+  download         fetch the voices, encoders and G2PW model from the Hugging Face Hub (extra [download])
 """
 
 from __future__ import annotations
@@ -240,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("voices", help="list built-in voices")
     p.add_argument("--model-dir", default=os.environ.get("PRIMESPEECH_MODEL_DIR"))
     p.set_defaults(func=cmd_voices)
+    from .download import add_parser as add_download_parser  # huggingface_hub is imported only when it runs
+
+    add_download_parser(sub)
     return parser
 
 

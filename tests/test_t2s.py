@@ -188,6 +188,14 @@ def test_generate_returns_oracle_tokens(model, inputs, refs):
     np.testing.assert_array_equal(up, refs["t2s_greedy_tokens"][:12])  # upstream: exactly N tokens, no EOS
 
 
+def test_batched_decode_returns_oracle_tokens(model, inputs, extra, refs):
+    # the full-size GPT with a second, longer row beside it: row 0 still gets upstream's greedy tokens
+    long_row = (extra["long_phones"], extra["long_bert"], extra["long_prompt"])
+    batch = model.generate_batch([inputs, long_row], top_k=1, max_new_tokens=12)
+    np.testing.assert_array_equal(batch[0], refs["t2s_greedy_tokens"][:12])
+    np.testing.assert_array_equal(batch[1], model.generate(*long_row, top_k=1, max_new_tokens=12))
+
+
 def test_long_prompt_prefill_matches_oracle(model, extra):
     # the public numpy API on >= 250 positions (audio positions up to 199)
     phones, bert, prompt = extra["long_phones"], extra["long_bert"], extra["long_prompt"]

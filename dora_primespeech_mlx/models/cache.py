@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-__all__ = ["KVCache", "ConcatKVCache", "make_cache"]
+__all__ = ["KVCache", "ConcatKVCache", "make_cache", "COMPILE_BLOCK"]
+
+# compiled decode: fixed-capacity K/V buffers grow in buckets of this many positions (one re-trace
+# per bucket; t2s_generate's single-row loop and t2s_batch's rows)
+COMPILE_BLOCK = 256
 
 
 class KVCache:

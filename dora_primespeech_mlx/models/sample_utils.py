@@ -31,9 +31,13 @@ __all__ = [
     "exponential_race",
     "make_sampler",
     "seen_mask",
+    "MIN_STEPS_BEFORE_EOS",
 ]
 
 _NEG_INF = float("-inf")
+# upstream infer_panel_naive drops the EOS column while idx < 11, so at least 11 codes precede a
+# stop (its hard loop cap is constants.MAX_DECODE_STEPS)
+MIN_STEPS_BEFORE_EOS = 11
 
 
 def seen_mask(tokens: mx.array, vocab_size: int) -> mx.array:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,19 +36,15 @@ import mlx.core as mx
 import numpy as np
 
 from ..constants import MAX_DECODE_STEPS
-from .cache import make_cache
-from .sample_utils import apply_repetition_penalty, make_sampler, mask_token, seen_mask
+from .cache import COMPILE_BLOCK, make_cache
+from .sample_utils import MIN_STEPS_BEFORE_EOS, apply_repetition_penalty, make_sampler, mask_token, seen_mask
 from .t2s import T2SConfig, T2SGraph
+from .t2s_batch import BatchDecoder
 
 __all__ = ["T2S", "DecodeStep", "MIN_STEPS_BEFORE_EOS", "COMPILE_BLOCK"]
 
-# upstream infer_panel_naive drops the EOS column while idx < 11, so at least 11 codes precede a
-# stop (its hard loop cap is constants.MAX_DECODE_STEPS)
-MIN_STEPS_BEFORE_EOS = 11
 # compiled step functions kept per model, one per sampling setting, least recently used dropped
 MAX_COMPILED_STEPS = 4
-# compiled decode: K/V capacity grows in buckets of this many positions (one re-trace per bucket)
-COMPILE_BLOCK = 256
 
 Convention = Literal["upstream", "dora2024"]
 
@@ -345,3 +341,48 @@ class T2S(T2SGraph):
             )
         )
         return np.asarray(tokens, dtype=np.int64)
+
+    def generate_batch(
+        self,
+        rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+        *,
+        top_k: int | None = 5,
+        top_p: float = 1.0,
+        temperature: float = 1.0,
+        repetition_penalty: float = 1.35,
+        max_new_tokens: int | None = None,
+        seed: int | Sequence[int | None] | None = None,
+        convention: Convention = "upstream",
+        max_rows: int | None = None,
+    ) -> list[np.ndarray]:
+        """`generate` for several `(phone_ids, bert, prompt_tokens)` rows in one decode loop.
+
+        Row i's codes are what `generate` returns for it alone with `seed[i]` (an int seed is used
+        for every row), up to float rounding of the batched matmuls (t2s_batch). At most `max_rows`
+        rows decode together (None: all); the next row joins as soon as one stops.
+        """
+        if convention not in ("upstream", "dora2024"):
+            raise ValueError(f"convention must be 'upstream' or 'dora2024', got {convention!r}")
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(rows)
+        if len(seeds) != len(rows):
+            raise ValueError(f"seed: {len(seeds)} seeds for {len(rows)} rows")
+        decoder = BatchDecoder(self)
+        tokens: dict[int, list[int]] = {}
+        owner: dict[int, int] = {}
+        waiting = list(range(len(rows)))
+        limit = len(rows) if max_rows is None else max(1, int(max_rows))
+        while waiting or decoder.active:
+            while waiting and decoder.active < limit:
+                i = waiting.pop(0)
+                phone_ids, bert, prompt = rows[i]
+                owner[decoder.add(phone_ids, bert, prompt, top_k=top_k, top_p=top_p, temperature=temperature,
+                                  repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,
+                                  seed=seeds[i])] = i
+                tokens[i] = []
+            for step in decoder.step():
+                if step.stop_reason == "eos":
+                    continue
+                if convention == "dora2024" and (step.index == 0 or step.stop_reason == "cap"):
+                    continue
+                tokens[owner[step.row]].append(step.token)
+        return [np.asarray(tokens[i], dtype=np.int64) for i in range(len(rows))]

@@ -1,0 +1,285 @@
+"""Batched decode with the t2s GPT: several `[text; prompt]` rows through one decode loop.
+
+`BatchDecoder` is step-wise: rows join (`add`) and leave (`remove`, or when they stop) between steps,
+each with its own sampling settings, seed and step cap; one `step()` runs the 24 layers once for
+every active row. A row's tokens are the ones `T2S.decode_steps` gives for it alone: the same
+prefill, the same per-row random stream (its own key, split once per step exactly as the single
+loop splits it), the same stop tests. Only floating-point rounding of the batched matmuls differs,
+so greedy tokens agree wherever the single decode's top-1/top-2 logit gap exceeds that rounding.
+
+Layout: one fixed-capacity K/V buffer per layer, (B, H, capacity, head_dim), rows left-aligned; row
+b writes its new position at its own offset (a scatter) and attends to positions `<= offset[b]`
+through a (B, 1, 1, capacity) mask. Capacity grows in `COMPILE_BLOCK`s, so a compiled step re-traces
+once per (rows, block) shape. Like the single loop, step n+1 is queued before step n's tokens are
+read (one host sync per step for all rows); a row that stopped at step n costs one wasted row-step.
+
+`T2S.generate_batch` (in `t2s_generate`) is the simple front: all rows in, tokens per row out.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+
+from ..constants import MAX_DECODE_STEPS
+from .cache import COMPILE_BLOCK, make_cache
+from .sample_utils import MIN_STEPS_BEFORE_EOS, apply_repetition_penalty, logits_to_probs, mask_token, seen_mask
+
+__all__ = ["BatchDecoder", "RowSampling", "BatchStep"]
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    """One row's sampling settings: `T2S.generate`'s keyword arguments."""
+
+    top_k: int | None = 5
+    top_p: float = 1.0
+    temperature: float = 1.0
+    repetition_penalty: float = 1.35
+
+    def key(self) -> tuple:
+        return (self.top_k, self.top_p, self.temperature, self.repetition_penalty)
+
+
+@dataclass(frozen=True)
+class BatchStep:
+    """One row's sample at one step (the fields of `t2s_generate.DecodeStep`, plus the row)."""
+
+    row: int
+    index: int
+    token: int
+    stop_reason: str | None
+
+
+@dataclass
+class _Row:
+    row_id: int
+    sampling: RowSampling
+    n_text: int  # text positions; the audio position of cache slot s is s - n_text
+    n_steps: int  # step cap
+    index: int = 0  # the step whose sample is pending
+    length: int = 0  # cache slots written (the next write goes to slot `length`)
+    extra: dict = field(default_factory=dict)
+
+
+def _sample_rows(logits: mx.array, seen: mx.array, keys: list[mx.array], eos_allowed: mx.array,
+                 rows: Sequence[RowSampling], eos: int) -> tuple[mx.array, mx.array, list[mx.array]]:
+    """Per-row sampling of `logits` (B, V) exactly as `T2S._sample_fn` does for one row: penalty, EOS
+    mask, filters, then an exponential race over each row's own uniforms. Rows with equal settings
+    are filtered together. Returns tokens (B,), stop flags (B,) and the rows' next keys."""
+    B = logits.shape[0]
+    penalised = [None] * B
+    tokens = [None] * B
+    new_keys = []
+    subs = []
+    for key in keys:
+        key, sub = mx.random.split(key)
+        new_keys.append(key)
+        subs.append(sub)
+    groups: dict[tuple, list[int]] = {}
+    for b, settings in enumerate(rows):
+        groups.setdefault(settings.key(), []).append(b)
+    for (top_k, top_p, temperature, penalty), members in groups.items():
+        idx = mx.array(members)
+        part = logits if len(members) == B else logits[idx]
+        part_seen = seen if len(members) == B else seen[idx]
+        part = apply_repetition_penalty(part, part_seen, penalty)
+        allowed = eos_allowed if len(members) == B else eos_allowed[idx]
+        part = mx.where(allowed[:, None], part, mask_token(part, eos))
+        if top_k == 1:
+            drawn = mx.argmax(part, axis=-1).astype(mx.int32)
+        else:
+            probs = logits_to_probs(part, top_k=top_k, top_p=top_p, temperature=temperature)
+            u = mx.concatenate([mx.random.uniform(shape=(1, part.shape[-1]), key=subs[b]) for b in members])
+            drawn = mx.argmax(probs / -mx.log(u), axis=-1).astype(mx.int32)
+        for j, b in enumerate(members):
+            penalised[b] = part[j]
+            tokens[b] = drawn[j]
+    penalised_all = mx.stack(penalised)
+    token = mx.stack(tokens)
+    stop = mx.logical_or(mx.argmax(penalised_all, axis=-1) == eos, token == eos)
+    return token, stop, new_keys
+
+
+class _ScatterKVCache:
+    """One layer's (B, H, capacity, D) buffers; each row writes its new position at its own offset."""
+
+    def __init__(self, keys: mx.array, values: mx.array, offsets: mx.array):
+        self.keys, self.values, self.offsets = keys, values, offsets
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        B, H, _, D = keys.shape
+        where = mx.broadcast_to(self.offsets[:, None, None, None], (B, H, 1, D))
+        self.keys = mx.put_along_axis(self.keys, where, keys, axis=2)
+        self.values = mx.put_along_axis(self.values, where, values, axis=2)
+        return self.keys, self.values
+
+
+def _grow(buf: mx.array, capacity: int) -> mx.array:
+    B, H, T, D = buf.shape
+    if T >= capacity:
+        return buf
+    return mx.concatenate([buf, mx.zeros((B, H, capacity - T, D), dtype=buf.dtype)], axis=2)
+
+
+class BatchDecoder:
+    """Step-wise batched decoding over one `T2S` model (owner thread only, like every MLX call)."""
+
+    def __init__(self, model, *, compile: bool | None = None):
+        self.model = model
+        self.compiled = model.compile_decode if compile is None else bool(compile)
+        self._rows: list[_Row] = []
+        self._next_id = 0
+        self._capacity = 0
+        self._keys: list[mx.array] = []  # per layer (B, H, capacity, D)
+        self._values: list[mx.array] = []
+        self._token = self._packed = self._seen = None  # (B,), (B, 2), (B, V): the pending step
+        self._rng: list[mx.array] = []  # per-row random keys
+        self._fns: dict[tuple, object] = {}
+
+    # ------------------------------------------------------------------------------- rows in/out
+
+    @property
+    def active(self) -> int:
+        return len(self._rows)
+
+    @property
+    def row_ids(self) -> list[int]:
+        return [r.row_id for r in self._rows]
+
+    def add(self, phone_ids: np.ndarray, bert: np.ndarray, prompt_tokens: np.ndarray, *, top_k: int | None = 5,
+            top_p: float = 1.0, temperature: float = 1.0, repetition_penalty: float = 1.35,
+            max_new_tokens: int | None = None, seed: int | None = None) -> int:
+        """Prefill one row (alone) and queue its first sample; returns its row id."""
+        model, cfg = self.model, self.model.config
+        n_steps = MAX_DECODE_STEPS if max_new_tokens is None else min(int(max_new_tokens), MAX_DECODE_STEPS)
+        if n_steps <= 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens}: a row needs at least one step")
+        settings = RowSampling(top_k, top_p, temperature, repetition_penalty)
+        xy = model.embed(phone_ids, bert, prompt_tokens)
+        n_text = int(np.asarray(phone_ids).size)
+        length = xy.shape[1]
+        cache = make_cache(cfg.n_layer, kind="step")
+        logits = model._head(model(xy, model.prefill_mask(n_text, length - n_text), cache)[:, -1, :])
+        prompt = np.asarray(prompt_tokens if prompt_tokens is not None else [], dtype=np.int32)
+        seen = seen_mask(mx.array(prompt), cfg.vocab_size)[None]
+        rng = mx.random.key(secrets.randbits(63) if seed is None else int(seed))
+        token, stop, (rng,) = _sample_rows(logits, seen, [rng], mx.array([False]), [settings], cfg.EOS)
+        packed = mx.stack([token, stop.astype(mx.int32)], axis=1)  # (1, 2)
+        model.ar_audio_position.table(length - n_text + n_steps)
+
+        capacity = max(self._capacity, -(-(length + 1) // COMPILE_BLOCK) * COMPILE_BLOCK)
+        self._resize(capacity)
+        keys = [_grow(c.keys[:, :, :length, :], capacity) for c in cache]
+        values = [_grow(c.values[:, :, :length, :], capacity) for c in cache]
+        row = _Row(self._next_id, settings, n_text, n_steps, index=0, length=length)
+        self._next_id += 1
+        if self._rows:
+            self._keys = [mx.concatenate([a, b]) for a, b in zip(self._keys, keys)]
+            self._values = [mx.concatenate([a, b]) for a, b in zip(self._values, values)]
+            self._token = mx.concatenate([self._token, token])
+            self._packed = mx.concatenate([self._packed, packed])
+            self._seen = mx.concatenate([self._seen, seen])
+        else:
+            self._keys, self._values, self._token, self._packed, self._seen = keys, values, token, packed, seen
+        self._rows.append(row)
+        self._rng.append(rng)
+        mx.async_eval(self._packed)
+        return row.row_id
+
+    def remove(self, row_id: int) -> None:
+        """Drop a row between steps (a cancelled request); unknown ids are ignored."""
+        keep = [i for i, r in enumerate(self._rows) if r.row_id != row_id]
+        if len(keep) != len(self._rows):
+            self._keep(keep)
+
+    def _keep(self, keep: list[int]) -> None:
+        self._rows = [self._rows[i] for i in keep]
+        self._rng = [self._rng[i] for i in keep]
+        if not keep:
+            self._keys, self._values, self._token, self._packed, self._seen = [], [], None, None, None
+            self._capacity = 0
+            return
+        idx = mx.array(keep)
+        self._keys = [k[idx] for k in self._keys]
+        self._values = [v[idx] for v in self._values]
+        self._token, self._packed, self._seen = self._token[idx], self._packed[idx], self._seen[idx]
+
+    def _resize(self, capacity: int) -> None:
+        if capacity > self._capacity and self._rows:
+            self._keys = [_grow(k, capacity) for k in self._keys]
+            self._values = [_grow(v, capacity) for v in self._values]
+        self._capacity = max(self._capacity, capacity)
+
+    # ---------------------------------------------------------------------------------- stepping
+
+    def step(self) -> list[BatchStep]:
+        """Read every active row's pending sample (one host sync) and queue the next step of the rows
+        that go on. Returns one `BatchStep` per row that was active; rows whose step stopped
+        (`stop_reason` "eos" or "cap") have left."""
+        if not self._rows:
+            return []
+        goes_on = [r.index + 1 < r.n_steps for r in self._rows]
+        if any(goes_on):
+            nxt = self._advance()  # queued before the read: the device works while the host reads
+        packed = self._packed.tolist()
+        out, keep = [], []
+        for i, (row, (tok, stop)) in enumerate(zip(self._rows, packed)):
+            reason = "eos" if stop else ("cap" if not goes_on[i] else None)
+            out.append(BatchStep(row.row_id, row.index, int(tok), reason))
+            if reason is None:
+                keep.append(i)
+        if any(goes_on):
+            self._keys, self._values, self._token, self._packed, self._seen, self._rng = nxt
+            for row in self._rows:
+                row.index += 1
+                row.length += 1
+        if len(keep) != len(self._rows):
+            self._keep(keep)
+        return out
+
+    def _advance(self):
+        """Queue one step for every active row on its pending token."""
+        offsets = [r.length for r in self._rows]
+        need = max(offsets) + 1
+        if need > self._capacity:
+            self._resize(-(-need // COMPILE_BLOCK) * COMPILE_BLOCK)
+        audio_pos = mx.array([o - r.n_text for o, r in zip(offsets, self._rows)], dtype=mx.int32)
+        eos_allowed = mx.array([r.index + 1 >= MIN_STEPS_BEFORE_EOS for r in self._rows])
+        settings = tuple(r.sampling for r in self._rows)
+        fn = self._step_fn(settings)
+        out = fn(self._token, audio_pos, mx.array(offsets, dtype=mx.int32), self._seen, list(self._rng),
+                 eos_allowed, self._keys, self._values)
+        token, packed, seen, rng, keys, values = out
+        mx.async_eval(packed)
+        return keys, values, token, packed, seen, list(rng)
+
+    def _step_fn(self, settings: tuple[RowSampling, ...]):
+        """The pure batched step, per row-settings tuple (compiled when `self.compiled`)."""
+        if settings in self._fns:
+            return self._fns[settings]
+        model = self.model
+        cfg = model.config
+        vocab = mx.arange(cfg.vocab_size)
+
+        def step(token, audio_pos, offsets, seen, rng, eos_allowed, keys, values):
+            seen = mx.logical_or(seen, vocab[None] == token[:, None])
+            pos = model.ar_audio_position
+            x = model.ar_audio_embedding(token[:, None]) * pos.x_scale
+            x = x + pos.alpha * mx.take(pos._pe, audio_pos, axis=0)[:, None, :]  # (B, 1, D)
+            caches = [_ScatterKVCache(k, v, offsets) for k, v in zip(keys, values)]
+            valid = (mx.arange(keys[0].shape[2])[None] <= offsets[:, None])[:, None, None, :]
+            logits = model._head(model(x, valid, caches)[:, -1, :])
+            token, stop, rng = _sample_rows(logits, seen, rng, eos_allowed, settings, cfg.EOS)
+            packed = mx.stack([token, stop.astype(mx.int32)], axis=1)
+            return token, packed, seen, rng, [c.keys for c in caches], [c.values for c in caches]
+
+        fn = mx.compile(step, inputs=model) if self.compiled else step
+        if len(self._fns) >= 8:
+            self._fns.pop(next(iter(self._fns)))
+        self._fns[settings] = fn
+        return fn

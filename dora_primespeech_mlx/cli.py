@@ -7,6 +7,7 @@ Subcommands:
   voices           list the voices and whether their files exist under the model directory
   inspect PATH     read a GPT .ckpt, SoVITS .pth or HF model folder without torch and summarise it
   download         fetch the voices, encoders and G2PW model from the Hugging Face Hub (extra [download])
+  serve            the OpenAI-compatible speech server, POST /v1/audio/speech (extra [server]; docs/server.md)
 """
 
 from __future__ import annotations
@@ -244,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .download import add_parser as add_download_parser  # huggingface_hub is imported only when it runs
 
     add_download_parser(sub)
+    from .server.serve import add_parser as add_serve_parser  # Starlette and uvicorn only when it runs
+
+    add_serve_parser(sub)
     return parser
 
 

@@ -167,7 +167,7 @@ class SpeechWorker:
         except SynthesisCancelled:
             job.emit("cancelled")
             return
-        except Exception as exc:  # answered to that request only
+        except Exception as exc:  # noqa: BLE001 - answered to that request only
             if job.cancelled:
                 job.emit("cancelled")
                 return

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -313,6 +314,8 @@ def add_parser(sub) -> None:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
+    for name in ("httpx2", "httpx"):  # one INFO line per request otherwise; the progress bars say enough
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         if not args.revision.strip():
             raise DownloadError("--revision is empty; pass a branch, tag or commit (default: main)")

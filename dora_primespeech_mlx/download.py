@@ -164,14 +164,18 @@ class Record:
     def remember(self, key: str, local: Path, expected: Expected) -> None:
         st = local.stat()
         self.files[key] = {"digest": expected.tag(), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        self._save()
+
+    def forget(self, key: str) -> None:
+        if self.files.pop(key, None) is not None:
+            self._save()
+
+    def _save(self) -> None:
         if self.readonly:
             return
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps({"files": self.files}, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         os.replace(tmp, self.path)
-
-    def forget(self, key: str) -> None:
-        self.files.pop(key, None)
 
 
 # ------------------------------------------------------------------------------ the Hub
@@ -212,7 +216,7 @@ def _why(exc: BaseException, utils) -> str:
 
 def _expected_files(api, repo: str, revision: str, paths: list[str]) -> tuple[str, dict[str, Expected]]:
     """(commit, {path: Expected}) of `paths` at `revision`; paths the repository lacks are left out."""
-    commit = api.model_info(repo, revision=revision).sha
+    commit = api.model_info(repo, revision=revision).sha or revision  # a mirror may leave out the sha
     found: dict[str, Expected] = {}
     for info in api.get_paths_info(repo, paths, revision=commit):
         if not hasattr(info, "blob_id"):

@@ -369,6 +369,16 @@ def test_dry_run_lists_and_writes_nothing(tmp_path, hub):
     assert hub.fetched() == [] and not (tmp_path / "models").exists()
 
 
+def test_a_file_the_repository_lacks_is_named_and_the_rest_still_comes(tmp_path, hub):
+    gone = voice_files("Doubao")[2]
+    del hub.repos[VOICE_REPO]["files"][gone]
+    r = run_cli(tmp_path, hub.endpoint, "--voices", "Doubao", "--no-encoders", "--no-g2pw")
+    assert r.returncode == 1
+    assert f"{VOICE_REPO} has no file {gone!r}" in r.stderr
+    for path in voice_files("Doubao")[:2]:
+        assert (tmp_path / "models" / "moyoyo" / path).read_bytes() == hub.repos[VOICE_REPO]["files"][path]
+
+
 def test_unknown_revision_is_a_clear_error(tmp_path, hub):
     r = run_cli(tmp_path, hub.endpoint, "--voices", "Doubao", "--revision", "no-such-branch")
     assert r.returncode == 1

@@ -14,6 +14,7 @@ DPM_KEEP_SCREENSHOT=1 the final screenshot is also copied to benchmarks/results/
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -72,48 +73,48 @@ def _http(url: str, data: bytes | None = None, headers: dict | None = None, time
         return exc.code, exc.read()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The real server (`gpt-sovits-mlx serve`) on a free localhost port; yields its base URL and folders."""
-    _browser_or_fail()
-    work = tmp_path_factory.mktemp("playground")
-    model_dir = tiny_models.build_tiny_model_dir(work / "models")
-    voices_dir = work / "user-voices"
+@contextlib.contextmanager
+def _serve(work: Path, model_dir: Path, **extra_env: str):
+    """`gpt-sovits-mlx serve` over `model_dir` on a free localhost port, ready; yields its base URL."""
+    work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PRIMESPEECH_MODEL_DIR=str(model_dir), MAX_NEW_TOKENS=str(MAX_NEW_TOKENS),
-               GPT_SOVITS_VOICES_DIR=str(voices_dir), XDG_CONFIG_HOME=str(work / "config"),
-               **{CACHE_ENV: str(work / "cache")})
-    env.pop("VOICE_NAME", None)
+               GPT_SOVITS_VOICES_DIR=str(work / "user-voices"), XDG_CONFIG_HOME=str(work / "config"),
+               **{CACHE_ENV: str(model_dir.parent / "cache")}, **extra_env)
+    for name in ("VOICE_NAME", "GPT_SOVITS_API_KEY"):
+        if name not in extra_env:
+            env.pop(name, None)
     port = _free_port()
-    log = (work / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "dora_primespeech_mlx.cli", "serve", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=work)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + WAIT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited with {proc.returncode}:\n{(work / 'server.log').read_text()}")
-            try:
-                if _http(base + "/health", timeout=5)[0] == 200:
-                    break
-            except OSError:
-                pass  # not listening yet
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server was not ready in {WAIT_S} s:\n{(work / 'server.log').read_text()}")
-            time.sleep(0.3)
-        yield {"url": base, "work": work, "voices_dir": voices_dir, "log": work / "server.log"}
-    finally:
-        proc.terminate()
+    log_path = work / "server.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "dora_primespeech_mlx.cli", "serve", "--host", "127.0.0.1",
+                                 "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=work)
+        base = f"http://127.0.0.1:{port}"
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+            deadline = time.monotonic() + WAIT_S
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"the server exited with {proc.returncode}:\n{log_path.read_text()}")
+                try:
+                    if _http(base + "/health", timeout=5)[0] == 200:
+                        break
+                except OSError:
+                    pass  # not listening yet
+                if time.monotonic() > deadline:
+                    pytest.fail(f"the server was not ready in {WAIT_S} s:\n{log_path.read_text()}")
+                time.sleep(0.3)
+            yield base
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
-@pytest.fixture(scope="module")
-def browser(server):
+@contextlib.contextmanager
+def _chromium(profile: Path):
+    """Debian's headless chromium through its own chromedriver (selenium downloads nothing)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -122,15 +123,35 @@ def browser(server):
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--autoplay-policy=no-user-gesture-required", "--window-size=1100,1800",
-                 f"--user-data-dir={server['work'] / 'chromium-profile'}"):
+                 f"--user-data-dir={profile}"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     driver.set_script_timeout(60)
     try:
-        driver.get(server["url"] + "/")
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    _browser_or_fail()
+    return tiny_models.build_tiny_model_dir(tmp_path_factory.mktemp("playground-models") / "models")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_dir):
+    """The real server without an API key; yields its base URL and folders."""
+    work = tmp_path_factory.mktemp("playground")
+    with _serve(work, tiny_dir) as base:
+        yield {"url": base, "work": work, "voices_dir": work / "user-voices"}
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    with _chromium(server["work"] / "chromium-profile") as driver:
+        driver.get(server["url"] + "/")
+        yield driver
 
 
 def _wait(driver, condition, what: str, timeout: float = WAIT_S):
@@ -320,3 +341,28 @@ def test_add_a_voice_through_the_form(server, browser):
     if os.environ.get("DPM_KEEP_SCREENSHOT") == "1":
         SCREENSHOT_KEPT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, SCREENSHOT_KEPT)
+
+
+def test_api_key_from_the_settings_field(tmp_path, tiny_dir):
+    """With GPT_SOVITS_API_KEY set, the page shows the 401 until the key is entered; the key is kept."""
+    key = "playground-test-key"
+    with _serve(tmp_path / "keyed", tiny_dir, GPT_SOVITS_API_KEY=key) as base, \
+            _chromium(tmp_path / "chromium-profile") as driver:
+        assert _http(base + "/v1/audio/voices")[0] == 401
+        driver.get(base + "/")
+        _wait(driver, lambda d: _by_id(d, "speak-error").is_displayed(), "the missing key to be reported")
+        assert "HTTP 401" in _by_id(driver, "speak-error").text
+        assert _by_id(driver, "speak").get_attribute("disabled") is not None
+        field = _by_id(driver, "api-key")
+        field.send_keys(key)
+        field.submit()
+        _wait(driver, lambda d: d.execute_script("return document.getElementById('voice').dataset.count"),
+              "the voice list with the key")
+        assert not _by_id(driver, "speak-error").is_displayed()
+        # kept in this browser: a reload lists the voices at once and can speak
+        driver.refresh()
+        _wait(driver, lambda d: d.execute_script("return document.getElementById('voice').dataset.count"),
+              "the voice list after a reload")
+        assert _by_id(driver, "api-key").get_attribute("value") == key
+        row = _speak(driver, "Hello.", seed=2)
+        assert row["state"] == "done", (row, _by_id(driver, "speak-error").text)

@@ -18,6 +18,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -293,12 +294,51 @@ def test_api_errors_are_shown_readably(server, browser):
     browser.execute_script(
         "const s = document.getElementById('voice'); s.add(new Option('gone', 'no-such-voice')); s.value = 'no-such-voice';")
     row = _speak(browser, "Hello.")
-    assert row["state"] == "failed" and row["result"] == "error"
+    assert row["state"] == row["result"] == "error"
     error = _by_id(browser, "speak-error")
     assert error.is_displayed()
     assert "HTTP 404" in error.text and "no-such-voice" in error.text
     assert "{" not in error.text  # the message, not the JSON
     browser.execute_script("const s = document.getElementById('voice'); s.remove(s.selectedIndex); s.selectedIndex = 0;")
+
+
+def test_stop_keeps_what_arrived(server, browser):
+    _wait(browser, lambda d: d.execute_script("return document.getElementById('voice').dataset.count"),
+          "the voice list")
+    box = _by_id(browser, "text")
+    box.clear()
+    box.send_keys("你好，今天天气很好。" * 30)  # thirty sentences: seconds of work on the tiny models
+    _by_id(browser, "speak").click()
+    _wait(browser, lambda d: _by_id(d, "speak-status").text.startswith("Streaming"), "the first audio")
+    _by_id(browser, "stop").click()
+    _wait(browser, lambda d: d.execute_script(
+        "return document.querySelector('#history tbody tr').dataset.state !== 'running'"), "the stop")
+    state, seconds = browser.execute_script(
+        "const r = document.querySelector('#history tbody tr'); return [r.dataset.state, r.cells[5].textContent];")
+    assert state == "stopped"
+    assert not _by_id(browser, "speak-error").is_displayed()
+    # the audio that arrived before the stop is offered; the page is ready for the next request
+    assert float(seconds) > 0
+    _wait(browser, lambda d: d.execute_script(
+        "const a = document.getElementById('player'); return a.readyState >= 1 && a.duration > 0;"),
+        "the partial audio's metadata", timeout=30)
+    assert browser.execute_script("return document.getElementById('player').duration") == \
+        pytest.approx(float(seconds), abs=0.01)
+    assert _by_id(browser, "stop").get_attribute("disabled") is not None
+    assert _by_id(browser, "speak").get_attribute("disabled") is None
+    # the stop reached the server: it counts a synthesis cancelled because the client went away
+    deadline = time.monotonic() + 30
+    while _cancelled_total(server["url"]) < 1:
+        assert time.monotonic() < deadline, "the server never cancelled the stopped synthesis"
+        time.sleep(0.2)
+
+
+def _cancelled_total(base: str) -> float:
+    status, body = _http(base + "/metrics")
+    assert status == 200
+    found = re.findall(r"^\w+_cancelled_total (\S+)$", body.decode(), re.MULTILINE)
+    assert len(found) == 1, "no *_cancelled_total counter in /metrics"
+    return float(found[0])
 
 
 def test_add_a_voice_through_the_form(server, browser):

@@ -187,7 +187,7 @@ function finishHistoryRow(row, firstMs, totalMs, seconds, result) {
   cells[4].textContent = totalMs.toFixed(0);
   cells[5].textContent = seconds.toFixed(2);
   cells[6].textContent = result;
-  row.dataset.state = result === "done" ? "done" : "failed";
+  row.dataset.state = result; // done, stopped or error
 }
 
 // ---- speaking ----------------------------------------------------------------------------------------

@@ -2,9 +2,11 @@
 
 `gpt-sovits-mlx serve` runs in its own process over tiny random-weight models (tests/support/tiny_models.py,
 MAX_NEW_TOKENS small); Debian's chromium (/usr/bin/chromium, driven through /usr/bin/chromedriver by
-selenium: nothing is downloaded) opens the page, waits for the voices, speaks, and adds a voice through the
-form. The page's WAV is checked sample for sample against the `pcm` the server streams for the same
-request and seed, so the browser's stream reassembly is tested, not just that something played.
+selenium: nothing is downloaded) opens the page, waits for the voices, speaks, stops a long request, shows
+an API error, adds a voice through the form, and sends the API key from its settings field to a second
+server that asks for one. The page's WAV is checked sample for sample against the `pcm` the server streams
+for the same request and seed, so the browser's stream reassembly is tested, not just that something played.
+About 20 s on 2 cores.
 
 The browser is required: without it the test fails and says how to install it
 (`apt-get install -y chromium chromium-driver`), unless DPM_SKIP_BROWSER=1 is set. With

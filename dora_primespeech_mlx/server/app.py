@@ -33,7 +33,7 @@ from starlette.staticfiles import StaticFiles
 
 from ..node_config import NodeConfig
 from ..options import NothingToSpeak, join_audio
-from ..voices import Voice, VoiceRegistry
+from ..voices import Voice, VoiceRegistry, resolve_voice
 from .encoding import MEDIA_TYPES, PCM_RATE, STREAMED, StreamEncoder, encode_whole, mp3_available
 from .errors import ApiError
 from .metrics import Metrics
@@ -82,7 +82,10 @@ class Server:
         if key in self._ids:
             return self.registry.get(self._ids[key])
         user = self.store.get(key)
-        return user.voice if user is not None else None
+        if user is not None:
+            return user.voice
+        found = resolve_voice(name.strip(), self.registry)  # mofa-studio's ids and aliases ("luoxiang", "dnz")
+        return found.voice if found is not None else None
 
     def resolve(self, name: str | None) -> Voice:
         """A request's voice: an id (any case), else an OpenAI name (the default voice). 404 otherwise."""

@@ -422,7 +422,7 @@ def test_api_key_loading_503_and_a_failure_mid_stream(tiny_dir, tmp_path):
         return FailsMidStream(config.model_dir, registry=registry)
 
     running = RunningServer(create_app(tiny_config(tiny_dir), engine_factory=slow_factory, api_key=KEY,
-                                       voices_dir=tmp_path / "voices"))
+                                       voices_dir=tmp_path / "voices", max_queue=1))
     try:
         status, body, headers = http_get(running.url + "/health")
         assert status == 503 and json.loads(body)["error"]["code"] == "engine_loading" and headers["retry-after"]
@@ -444,6 +444,17 @@ def test_api_key_loading_503_and_a_failure_mid_stream(tiny_dir, tmp_path):
             body = b"".join(response.iter_bytes())
         assert 0 < len(body) < MAX_NEW_TOKENS * SAMPLES_PER_TOKEN * 2 and len(body) % 2 == 0
         assert metric(running.url, 'gpt_sovits_synthesis_errors_total{stage="mid_stream"}') == 1
+        # max_queue=1: while one request runs, the next is refused with 429 (not queued without bound)
+        conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=60)
+        conn.request("POST", "/v1/audio/speech", body=json.dumps({"input": LONG_TEXT, "response_format": "pcm"}),
+                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+        reply = conn.getresponse()
+        assert reply.status == 200 and reply.read1(4096)
+        status, err = error_of(lambda: client.audio.speech.create(model="m", voice="Doubao", input="好。"))
+        assert status == 429 and err["code"] == "queue_full"
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        wait_idle(running, 10)
         # the owner thread carries on
         assert parse_stream_wav(client.audio.speech.create(model="m", voice="Doubao", input="好。",
                                                            response_format="wav").content).size > 0
@@ -465,3 +476,22 @@ def test_the_default_engine_factory_is_the_real_engine(tiny_dir):
     registry = VoiceRegistry(tiny_dir)
     engine = make_engine(tiny_config(tiny_dir), registry)
     assert isinstance(engine, Engine) and engine.registry is registry
+
+
+def test_a_bug_is_answered_as_a_json_500_with_the_request_id(server):
+    """Not bad input but a fault inside a handler (here: the user voices table breaking)."""
+
+    class Broken(dict):
+        def values(self):
+            raise RuntimeError("simulated bug")
+
+    store = server.app.server.store
+    voices, store.voices = store.voices, Broken(store.voices)
+    try:
+        status, body, headers = http_get(server.url + "/v1/audio/voices")
+    finally:
+        store.voices = voices
+    error = json.loads(body)["error"]
+    rid = {k.lower(): v for k, v in headers.items()}["x-request-id"]
+    assert status == 500 and error["code"] == "internal_error" and rid in error["message"]
+    assert "simulated bug" not in error["message"]

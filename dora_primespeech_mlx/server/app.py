@@ -356,6 +356,13 @@ async def api_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
+async def internal_error(request: Request, exc: Exception) -> Response:
+    """A bug: Starlette's error middleware sends this, then re-raises for RequestIds to log with the id."""
+    rid = request.scope.get("state", {}).get("request_id", "?")
+    error = ApiError(500, f"internal error (request {rid}); the server's log says why", None, "internal_error")
+    return JSONResponse(error.body(), status_code=500)
+
+
 def create_app(config: NodeConfig | None = None, *, engine_factory: EngineFactory = make_engine,
                api_key: str | None = None, voices_dir: str | os.PathLike | None = None,
                max_input_chars: int = MAX_INPUT_CHARS, max_speech_body: int = MAX_SPEECH_BODY,
@@ -390,7 +397,7 @@ def create_app(config: NodeConfig | None = None, *, engine_factory: EngineFactor
         Mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={ApiError: api_error, HTTPException: api_error})
+                    exception_handlers={ApiError: api_error, HTTPException: api_error, Exception: internal_error})
     app.state.server = server
     outer = RequestIds(app, server.metrics)
     outer.server = server  # for tests and the CLI

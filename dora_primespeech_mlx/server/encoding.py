@@ -3,6 +3,7 @@ header), whole-file `flac` and `mp3` (libsndfile through soundfile; its MP3 enco
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 
@@ -73,6 +74,7 @@ def encode_whole(fmt: str, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) ->
     return buffer.getvalue()
 
 
+@functools.cache
 def mp3_available() -> bool:
     """Whether this libsndfile writes MP3 (1.1.0 and later, built with LAME and mpg123)."""
     try:

@@ -77,8 +77,9 @@ def _http(url: str, data: bytes | None = None, headers: dict | None = None, time
 
 
 @contextlib.contextmanager
-def _serve(work: Path, model_dir: Path, **extra_env: str):
-    """`gpt-sovits-mlx serve` over `model_dir` on a free localhost port, ready; yields its base URL."""
+def _serve(work: Path, model_dir: Path, ready: bool = True, **extra_env: str):
+    """`gpt-sovits-mlx serve` over `model_dir` on a free localhost port; yields its base URL once /health
+    answers 200 (`ready`) or answers at all."""
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PRIMESPEECH_MODEL_DIR=str(model_dir), MAX_NEW_TOKENS=str(MAX_NEW_TOKENS),
                GPT_SOVITS_VOICES_DIR=str(work / "user-voices"), XDG_CONFIG_HOME=str(work / "config"),
@@ -98,7 +99,7 @@ def _serve(work: Path, model_dir: Path, **extra_env: str):
                 if proc.poll() is not None:
                     pytest.fail(f"the server exited with {proc.returncode}:\n{log_path.read_text()}")
                 try:
-                    if _http(base + "/health", timeout=5)[0] == 200:
+                    if _http(base + "/health", timeout=5)[0] == 200 or not ready:
                         break
                 except OSError:
                     pass  # not listening yet
@@ -385,13 +386,25 @@ def test_add_a_voice_through_the_form(server, browser):
         shutil.copyfile(shot, SCREENSHOT_KEPT)
 
 
-def test_api_key_from_the_settings_field(tmp_path, tiny_dir):
-    """With GPT_SOVITS_API_KEY set, the page shows the 401 until the key is entered; the key is kept."""
+def test_loading_state_then_api_key_from_the_settings_field(tmp_path, tiny_dir):
+    """The page opened while the engine loads says so (GET /health's 503) and carries on once it is ready.
+    With GPT_SOVITS_API_KEY set, the page shows the 401 until the key is entered; the key is kept."""
     key = "playground-test-key"
-    with _serve(tmp_path / "keyed", tiny_dir, GPT_SOVITS_API_KEY=key) as base, \
-            _chromium(tmp_path / "chromium-profile") as driver:
-        assert _http(base + "/v1/audio/voices")[0] == 401
+    with _chromium(tmp_path / "chromium-profile") as driver, \
+            _serve(tmp_path / "keyed", tiny_dir, ready=False, GPT_SOVITS_API_KEY=key) as base:
+        # record every text the health line shows, from the page's first script on
+        driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": (
+            "window.healthLog = []; document.addEventListener('DOMContentLoaded', () => {"
+            "  const el = document.getElementById('health'); window.healthLog.push(el.textContent);"
+            "  new MutationObserver(() => window.healthLog.push(el.textContent))"
+            "    .observe(el, {childList: true, characterData: true, subtree: true}); });")})
         driver.get(base + "/")
+        # the engine takes seconds to load the voice: the page's first look at /health came before this one
+        assert _http(base + "/health")[0] == 503, "the server was ready before the page opened"
+        _wait(driver, lambda d: _by_id(d, "health").text == "Server ready.", "the page to see the server ready")
+        log = driver.execute_script("return window.healthLog")
+        assert any("not ready" in line and "HTTP 503" in line for line in log), log
+        assert _http(base + "/v1/audio/voices")[0] == 401
         _wait(driver, lambda d: _by_id(d, "speak-error").is_displayed(), "the missing key to be reported")
         assert "HTTP 401" in _by_id(driver, "speak-error").text
         assert _by_id(driver, "speak").get_attribute("disabled") is not None

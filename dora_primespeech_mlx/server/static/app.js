@@ -195,7 +195,6 @@ function finishHistoryRow(row, firstMs, totalMs, seconds, result) {
 function setBusy(busy) {
   $("speak").disabled = busy;
   $("stop").disabled = !busy;
-  document.body.dataset.busy = busy ? "yes" : "no";
 }
 
 async function speak(event) {

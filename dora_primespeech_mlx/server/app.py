@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -211,7 +212,13 @@ class Server:
                            "queue_full")
         logger.info("request %s: %d characters, voice %r, %s", rid, len(req.input), voice.id, req.response_format)
         gone = asyncio.ensure_future(wait_disconnect(request))
-        gone.add_done_callback(lambda task: job.cancel() if not task.cancelled() else None)
+
+        def client_gone(task: asyncio.Future) -> None:
+            if not task.cancelled():
+                task.exception()  # retrieved: a failed receive also means the client is gone
+                job.cancel()
+
+        gone.add_done_callback(client_gone)
         try:
             kind, payload = await next_event(job, gone)
             if kind == "chunk":
@@ -219,12 +226,18 @@ class Server:
             if kind == "chunk" and job.streaming:
                 gone.cancel()  # from here StreamingResponse watches for the disconnect itself
                 headers = {"X-Sample-Rate": str(PCM_RATE if req.response_format == "pcm" else payload.sample_rate)}
+                # the background cancel covers a disconnect before the body generator's first step (its own
+                # cleanup only runs once started); after a finished stream it is a no-op
                 return StreamingResponse(self.stream(job, payload, req.response_format), headers=headers,
-                                         media_type=MEDIA_TYPES[req.response_format])
+                                         media_type=MEDIA_TYPES[req.response_format],
+                                         background=BackgroundTask(job.cancel))
             chunks = []
             while kind == "chunk":
                 chunks.append(payload)
                 kind, payload = await next_event(job, gone)
+        except asyncio.CancelledError:  # the server is shutting down: stop the synthesis too
+            job.cancel()
+            raise
         finally:
             gone.cancel()
         self.check_outcome(job, kind, payload, chunks)

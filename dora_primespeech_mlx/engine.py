@@ -142,7 +142,7 @@ class Engine:
                  tokens_per_phone: float = 10.0, precision: str = "fp32"):
         """`precision` "fp32" (default, the parity-tested path) or, opt-in, "fp16"/"bf16"/"int8": the
         GPT in that precision (`models.t2s_precision.apply_precision`) and RoBERTa in fp16; SoVITS and HuBERT
-        stay fp32, and HuBERT is unloaded once a voice's prompt codes are made. Bounds:
+        stay fp32. At every precision HuBERT is unloaded once a voice's prompt codes are made. Bounds:
         tests/test_precision.py; figures: benchmarks/bench_precision.py, bench_debate_memory.py."""
         from .constants import PRECISIONS
 
@@ -298,9 +298,9 @@ class Engine:
         t0 = time.perf_counter()
         _, sovits = self.voice_models(voice)
         codes, spec = reference_features(voice.reference_audio, self.hubert(), sovits)
-        if self.precision != "fp32" and self._hubert is not None:
-            # the lower precisions are the memory modes: HuBERT only makes prompt codes, once per
-            # voice, so its 0.38 GB go until another voice needs it (reloaded then, ~1 s)
+        if self._hubert is not None:
+            # HuBERT only makes prompt codes, once per voice (kept in the prompt LRU), so at every
+            # precision its 0.38 GB go until another voice needs it (reloaded then, ~1 s on a CPU)
             self._hubert = None
             mx.clear_cache()
         style = sovits.style_vector(spec)

@@ -291,6 +291,12 @@ def test_error_cases_are_openai_style(server):
     reply = conn.getresponse()
     assert reply.status == 400 and json.loads(reply.read())["error"]["code"] == "invalid_json"
     conn.close()
+    for raw, code in ((b'{"input": "\\ud800\\u4f60"}', "invalid_value"), (b"[" * 60_000, "invalid_json")):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("POST", "/v1/audio/speech", body=raw, headers={"Content-Type": "application/json"})
+        reply = conn.getresponse()
+        assert (reply.status, json.loads(reply.read())["error"]["code"]) == (400, code)
+        conn.close()
     status, body, _ = http_get(server.url + "/v1/nothing-here")
     assert status == 404 and "error" in json.loads(body)
     assert metric(server.url, 'gpt_sovits_requests_total{endpoint="/v1/audio/speech",status="500"}') == 0

@@ -57,6 +57,11 @@ def parse_speech(body: Any, base: SynthesisOptions, *, max_chars: int = MAX_INPU
     if not isinstance(text, str) or not text.strip():
         raise ApiError(400, f"input is required: the text to speak, 1-{max_chars} characters", "input",
                        "empty_input")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate escape (\ud800) in the JSON
+        raise ApiError(400, "input is not valid Unicode (it holds a lone surrogate): send UTF-8 text", "input",
+                       "invalid_value") from None
     if len(text) > max_chars:
         raise ApiError(400, f"input has {len(text)} characters; the limit is {max_chars}: split the text into "
                             "several requests", "input", "input_too_long")

@@ -21,11 +21,9 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import openai
 import pytest
 import soundfile as sf
-
-pytest.importorskip("starlette", reason="the server extra is part of the test extra: pip install -e '.[test]'")
-import openai
 import uvicorn
 
 from dora_primespeech_mlx.constants import CACHE_ENV

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -44,6 +45,7 @@ from .options import (
     WrongThreadError,
     join_audio,
 )
+from .batch_synthesis import MAX_BATCH_ROWS, synthesize_batched
 from .text.frontend import request_sentences
 from .voices import Voice, VoiceRegistry
 
@@ -57,6 +59,9 @@ __all__ = ["Engine", "AudioResult", "VoicePrompt", "PhoneSentence", "SynthesisCa
            "NothingToSpeak", "length_guard", "describe_backend"]
 
 MAX_PROMPTS = 16  # prepared voices kept (VOICE:CUSTOM makes a new one per reference clip)
+# MEMORY_PRESET: "default" keeps RoBERTa's layers in MLX memory; "low" streams them from the memory-mapped
+# weights file at each call (same features to the bit, pages shared between processes, slower BERT)
+MEMORY_PRESETS = ("default", "low")
 
 # a "typical sentence" for warm-up: about 30 Chinese characters (the node's pieces rarely exceed it)
 TYPICAL_SENTENCE_PHONES = 64
@@ -139,20 +144,38 @@ class Engine:
 
     def __init__(self, model_dir: str | Path | None = None, *, use_ane: bool = False,
                  registry: VoiceRegistry | None = None, max_loaded_voices: int = 3,
-                 tokens_per_phone: float = 10.0, precision: str = "fp32"):
+                 tokens_per_phone: float = 10.0, precision: str = "fp32", batch_rows: int | None = None,
+                 memory_preset: str | None = None):
         """`precision` "fp32" (default, the parity-tested path) or, opt-in, "fp16"/"bf16"/"int8": the
         GPT in that precision (`models.t2s_precision.apply_precision`) and RoBERTa in fp16; SoVITS and HuBERT
         stay fp32. At every precision HuBERT is unloaded once a voice's prompt codes are made. Bounds:
-        tests/test_precision.py; figures: benchmarks/bench_precision.py, bench_debate_memory.py."""
+        tests/test_precision.py; figures: benchmarks/bench_precision.py, bench_debate_memory.py.
+
+        `memory_preset` (default: $MEMORY_PRESET, else "default"): "low" keeps RoBERTa's weights in their
+        memory-mapped file and streams a layer at a time per call (`models.bert.load_bert(streamed=True)`):
+        bit-identical features, ~1.1 GB less per process at fp32, the file's pages shared between
+        processes, each BERT call ~20 % slower on a CPU (docs/performance.md, the debate's memory)."""
         from .constants import PRECISIONS
 
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.precision = precision
+        if memory_preset is None:
+            memory_preset = os.environ.get("MEMORY_PRESET", "").strip().lower() or "default"
+        if memory_preset not in MEMORY_PRESETS:
+            raise ValueError(f"memory_preset (MEMORY_PRESET) must be one of {', '.join(MEMORY_PRESETS)}, "
+                             f"got {memory_preset!r}")
+        self.memory_preset = memory_preset
         self.registry = registry or VoiceRegistry(model_dir)
         self.sample_rate = SAMPLE_RATE
         self.use_ane = use_ane
         self.tokens_per_phone = tokens_per_phone
+        # whole-text mode decodes up to this many sentences together (batch_synthesis); 1: one by one.
+        # Default: MAX_BATCH_ROWS on a GPU (launch-bound: 8 rows cost about one), 1 on the CPU, where
+        # the step is compute-bound and rows measured ~5% slower per token than one by one
+        if batch_rows is None:
+            batch_rows = MAX_BATCH_ROWS if mx.default_device().type == mx.gpu else 1
+        self.batch_rows = max(1, int(batch_rows))
         self._max_loaded = max(1, max_loaded_voices)
         self._models: OrderedDict[tuple[Path, Path], tuple[object, object]] = OrderedDict()
         self._prompts: OrderedDict[tuple, VoicePrompt] = OrderedDict()
@@ -204,8 +227,12 @@ class Engine:
 
             t0 = time.perf_counter()
             self._bert = load_bert(self._require(self.moyoyo / "chinese-roberta-wwm-ext-large"),
-                                   dtype=mx.float32 if self.precision == "fp32" else mx.float16)
+                                   dtype=mx.float32 if self.precision == "fp32" else mx.float16,
+                                   streamed=self.memory_preset == "low")
             logger.info("RoBERTa loaded in %.2f s", time.perf_counter() - t0)
+            from .weights import release_freed_memory
+
+            release_freed_memory()
         return self._bert
 
     def _coreml_encoders(self):
@@ -318,6 +345,9 @@ class Engine:
             self._prompts[key] = prompt
             while len(self._prompts) > MAX_PROMPTS:
                 self._prompts.popitem(last=False)
+        from .weights import release_freed_memory
+
+        release_freed_memory()  # what loading the models freed (their numpy sources) goes back to the OS
         return prompt
 
     @owner_only
@@ -427,6 +457,20 @@ class Engine:
             if upcoming is None:
                 reason = "; ".join(notes) or "no phones after normalisation"
                 raise NothingToSpeak(f"text {text[:60]!r} has nothing to speak ({reason[:400]})", notes)
+            if not streaming and self.batch_rows > 1:
+                sentences = [upcoming]
+                while (more := next_sentence()) is not None:  # the whole text's frontend + BERT first
+                    if cancelled():
+                        raise SynthesisCancelled()
+                    sentences.append(more)
+                frontend_s = time.perf_counter() - t0
+                if len(sentences) > 1:
+                    caps = [length_guard(s.phone_ids.size, options.max_new_tokens, self.tokens_per_phone)
+                            for s in sentences]
+                    yield from synthesize_batched(self, sentences, caps, prompt, t2s, sovits, options, speed=speed,
+                                                  interval=interval, cancelled=cancelled, t_start=t_start,
+                                                  frontend_s=frontend_s, notes=notes, max_rows=self.batch_rows)
+                    return
             index = -1
             while upcoming is not None:
                 index += 1

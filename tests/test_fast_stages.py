@@ -28,7 +28,7 @@ from dora_primespeech_mlx.models.hubert import load_hubert
 from dora_primespeech_mlx.models.sovits import load_sovits
 from dora_primespeech_mlx.models.sovits_stream import SoVITSStreamDecoder
 from dora_primespeech_mlx.models.t2s_io import load_t2s
-from dora_primespeech_mlx.options import SynthesisOptions
+from dora_primespeech_mlx.options import SynthesisCancelled, SynthesisOptions
 from dora_primespeech_mlx.voices import VoiceRegistry
 from dora_primespeech_mlx.weights import CheckpointError
 from dora_primespeech_mlx.weights.writer import write_torch_file
@@ -288,6 +288,29 @@ def test_engine_splits_sentences(engine):
     result = engine.synthesize("第一句话。Second sentence here.", VOICE,
                                SynthesisOptions(max_new_tokens=3, seed=1, fragment_interval=0.0, text_lang="auto"))
     assert result.sentences == 2 and result.audio.size == 2 * expected_samples(3, 1.1)
+
+
+def test_whole_text_batches_its_sentences_and_sounds_as_one_by_one(engine):
+    # three sentences decoded two at a time (the third joins when one stops) give each sentence the
+    # audio of the sentence-by-sentence loop; chunks leave in sentence order, the last one final
+    text = "第一句话。第二句话比较长一点。Third one is English."
+    options = SynthesisOptions(max_new_tokens=20, seed=5, fragment_interval=0.05, text_lang="auto")
+    engine.batch_rows = 2
+    try:
+        batched = list(engine.synthesize_stream(text, VOICE, options, streaming=False))
+        engine.batch_rows = 1
+        single = list(engine.synthesize_stream(text, VOICE, options, streaming=False))
+    finally:
+        engine.batch_rows = 8
+    assert [c.sentence_index for c in batched] == [0, 1, 2] and [c.is_final for c in batched] == [False, False, True]
+    assert len(single) == 3 and [c.timings["batch_rows"] for c in batched] == [2.0] * 3
+    assert "batch_rows" not in single[0].timings
+    assert [c.timings["tokens"] for c in batched] == [c.timings["tokens"] for c in single]
+    for b, s in zip(batched, single):
+        np.testing.assert_allclose(b.audio, s.audio, atol=1e-4)
+    cancelled = iter([False, False, True])
+    with pytest.raises(SynthesisCancelled):
+        list(engine.synthesize_stream(text, VOICE, options, streaming=False, is_cancelled=lambda: next(cancelled, True)))
 
 
 # ------------------------------------------------------------------------------- broken files

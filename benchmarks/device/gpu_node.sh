@@ -33,6 +33,20 @@ while [ $# -gt 0 ]; do
     smoke) (cd /tmp && PYTHONPATH="$SITE" python3 -c "from dora_primespeech_mlx.smoke import build_smoke_model_dir; print(build_smoke_model_dir('$MODELS'))") ;;
     first) (cd /tmp && PYTHONPATH="$SITE" python3 "$ROOT/benchmarks/device/first_request.py" "$MODELS" --json "$OUT/first_request.json" 2>&1 | grep -v ' INFO ' | tail -12) ;;
     rule) (cd /tmp && PYTHONPATH="$SITE" python3 "$ROOT/benchmarks/device/thread_rule.py" "$MODELS" 2>&1 | grep -v ' INFO ' | tee "$OUT/thread_rule.txt") ;;
+    upstream) # upstream main's CUDA-graph T2S on the same smoke GPT (its code in the git-ignored .gpu/upstream)
+      (cd "$ROOT" && python3 tools/oracle/bench_t2s_cudagraph_torch.py --upstream .gpu/upstream --model-dir "$MODELS" \
+        --tokens 300 --repeats 5 --dtype fp32 fp16 --modes graph --tqdm off --save-inputs "$OUT/t2s_inputs.npz" \
+        --json "$OUT/upstream_cudagraph.json" 2> "$OUT/upstream_stderr.txt" | tail -30) || tail -20 "$OUT/upstream_stderr.txt" ;;
+    ktest) # the fused-kernel and batched-decode tests on the GPU, from the working tree
+      (cd "$ROOT" && PYTHONPATH="$ROOT:$SITE" python3 -m pytest -q -p no:cacheprovider tests/test_attention_kernel.py \
+        tests/test_t2s_batch.py > "$OUT/ktest.log" 2>&1; tail -5 "$OUT/ktest.log") ;;
+    decode) # decode, batch: medians over processes (benchmarks/bench_decode.py), from the working tree
+      (cd "$ROOT" && PYTHONPATH="$ROOT:$SITE" python3 benchmarks/bench_decode.py --model-dir "$MODELS" --processes "$1" \
+        --parts decode batch --inputs "$OUT/t2s_inputs.npz" --precisions fp32 fp16 --json "$OUT/bench_decode.json" \
+        2>&1 | tail -40); shift ;;
+    engine) # first audio, 10-character whole, batched whole text (benchmarks/bench_decode.py --parts engine)
+      (cd "$ROOT" && PYTHONPATH="$ROOT:$SITE" python3 benchmarks/bench_decode.py --model-dir "$MODELS" --processes "$1" \
+        --parts engine --json "$OUT/bench_engine.json" 2>&1 | tail -20); shift ;;
     check)
       export PATH="$SITE/bin:$PATH" PYTHONPATH="$SITE"
       (cd /tmp && python3 "$ROOT/benchmarks/device/node_check.py" --model-dir "$MODELS" --out /tmp/node_check \

@@ -32,6 +32,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .attention_kernels import single_query_attention
 from ..weights import CheckpointError, check_float, check_int, check_state_dict
 from .base import ModelConfig
 
@@ -192,9 +193,15 @@ class MultiheadAttention(nn.Module):
         q, k, v = mx.split(qkv, 3, axis=-1)
         # (B, L, D) -> (B, H, L, head_dim); head h uses channels h*hd .. h*hd+hd-1 of each of Q, K, V
         q, k, v = (t.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3) for t in (q, k, v))
+        lengths = None
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+            # a decode cache that offers per-row valid lengths: the fused single-query kernel
+            lengths = getattr(cache, "fused_lengths", None) if L == 1 else None
+        if lengths is not None:
+            out = single_query_attention(q, k, v, lengths, self.scale)
+        else:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, D))
 
 

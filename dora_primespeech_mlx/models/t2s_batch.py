@@ -108,8 +108,9 @@ def _sample_rows(logits: mx.array, seen: mx.array, keys: list[mx.array], eos_all
 class _ScatterKVCache:
     """One layer's (B, H, capacity, D) buffers; each row writes its new position at its own offset."""
 
-    def __init__(self, keys: mx.array, values: mx.array, offsets: mx.array):
+    def __init__(self, keys: mx.array, values: mx.array, offsets: mx.array, fused: bool = False):
         self.keys, self.values, self.offsets = keys, values, offsets
+        self.fused_lengths = offsets + 1 if fused else None  # for the fused attention kernel
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         B, H, _, D = keys.shape
@@ -271,7 +272,8 @@ class BatchDecoder:
             pos = model.ar_audio_position
             x = model.ar_audio_embedding(token[:, None]) * pos.x_scale
             x = x + pos.alpha * mx.take(pos._pe, audio_pos, axis=0)[:, None, :]  # (B, 1, D)
-            caches = [_ScatterKVCache(k, v, offsets) for k, v in zip(keys, values)]
+            caches = [_ScatterKVCache(k, v, offsets, getattr(model, "fused_attention", False))
+                      for k, v in zip(keys, values)]
             valid = (mx.arange(keys[0].shape[2])[None] <= offsets[:, None])[:, None, None, :]
             logits = model._head(model(x, valid, caches)[:, -1, :])
             token, stop, rng = _sample_rows(logits, seen, rng, eos_allowed, settings, cfg.EOS)

@@ -54,8 +54,10 @@ class _SlotKVCache:
     the new position is written at a traced `offset`, and the whole buffer is returned (the caller
     masks positions after `offset`), so shapes stay static across steps."""
 
-    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array):
+    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array, fused: bool = False):
         self.keys, self.values, self.offset = keys, values, offset
+        # valid positions for the fused attention kernel (models/attention_kernels.py), when in use
+        self.fused_lengths = (offset + 1)[None] if fused else None
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         self.keys = mx.slice_update(self.keys, keys, self.offset[None], axes=(2,))
@@ -94,6 +96,9 @@ class T2S(T2SGraph):
         super().__init__(config)
         # default of decode_steps(compile=None); load_t2s sets it per device
         self.compile_decode = False
+        # the static/compiled and batched steps use the fused head_dim-32 attention kernel; load_t2s
+        # sets it where the kernel passed its self-check on this device
+        self.fused_attention = False
 
     # --------------------------------------------------------------------------------- public API
 
@@ -266,7 +271,7 @@ class T2S(T2SGraph):
         def step(token, audio_pos, offset, seen, key, eos_allowed, keys, values):
             seen = mx.logical_or(seen, vocab == token)
             x = self.ar_audio_position.at(self.ar_audio_embedding(token[None]), audio_pos)  # (1, 1, D)
-            caches = [_SlotKVCache(k, v, offset) for k, v in zip(keys, values)]
+            caches = [_SlotKVCache(k, v, offset, self.fused_attention) for k, v in zip(keys, values)]
             valid = (mx.arange(keys[0].shape[2]) <= offset)[None]  # (1, capacity): written slots only
             logits = self._head(self(x, valid, caches)[:, -1, :])
             token, packed, key = sample(logits, seen, key, eos_allowed)

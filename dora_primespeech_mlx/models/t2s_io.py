@@ -20,6 +20,7 @@ from ..weights import CheckpointError, check_state_dict, plain_config, read_torc
 from .base import load_strict
 from .t2s import T2SConfig, T2SGraph, sanitize
 from .t2s_generate import T2S
+from .attention_kernels import fused_attention_available
 from .t2s_precision import apply_precision
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ def load_t2s(path: str | Path, *, dtype: mx.Dtype = mx.float32, compile: bool | 
     # graph building; the first compiled call pays a one-off JIT (~4 s on CUDA)
     model.compile_decode = mx.default_device().type == mx.gpu if compile is None else bool(compile)
     apply_precision(model, precision)
+    model.fused_attention = fused_attention_available(cfg.head_dim, model.compute_dtype)
     logger.info("loaded t2s GPT from %s (%d tensors, %d layers)", path, n_tensors, cfg.n_layer)
     return model
 

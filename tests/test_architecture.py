@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("weights",),  # checkpoint files in, numpy state dicts out
     ("models",),  # graphs, their configs and sanitize; loading via models.base
     ("text", "audio", "voices", "coreml", "convert"),  # the engine's parts
-    ("engine", "batch_synthesis", "smoke"),  # one pass from text to audio chunks
+    ("engine", "batch_synthesis", "engine_scheduler", "smoke"),  # one pass from text to audio chunks
     ("node_config", "node_payload", "node_service", "node", "cli", "download", "server", ""),  # adapters ("" is the package's own __init__)
 ]
 

@@ -172,6 +172,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._active: list[_Active] = []
         self._lanes: OrderedDict[int, _Lane] = OrderedDict()  # id(t2s) -> lane; the lane holds the model
+        self.peak_shared = 0  # the most requests that had rows in one decoder step (a figure for tests and logs)
 
     # ------------------------------------------------------------------------------ outside
 
@@ -309,6 +310,7 @@ class Scheduler:
         req.next_row += 1
 
     def _step_lane(self, key: int, lane: _Lane) -> None:
+        self.peak_shared = max(self.peak_shared, len({id(row.req) for row in lane.rows.values()}))
         t0 = time.perf_counter()
         try:
             steps = lane.decoder.step()

@@ -1,10 +1,12 @@
 """The server's MLX owner thread: builds the engine, prepares the default voice, warms up, then runs
-speech jobs one at a time from a FIFO queue (engine.py's threading rule; the event loop never touches
-MLX). Each job hands its events to the request's event loop with `loop.call_soon_threadsafe`:
-("chunk", AudioChunk), then ("done", None), or ("error", exception) / ("cancelled", None).
+speech jobs (engine.py's threading rule; the event loop never touches MLX). Each job hands its events to
+the request's event loop with `loop.call_soon_threadsafe`: ("chunk", AudioChunk), then ("done", None), or
+("error", exception) / ("cancelled", None).
 
-Concurrent requests queue here; batched decode can later take several queued jobs per step without
-changing the request side (a job only promises events on its queue and honours `cancel()`).
+When the engine decodes several rows per step (`engine.batch_rows > 1`, a GPU), jobs go to an
+`engine_scheduler.Scheduler`: every job queued joins between decode steps and concurrent requests share
+each GPT step (docs/server.md, concurrency). With one row (the CPU default, where rows are slower per
+token) jobs run one at a time in arrival order through `Engine.synthesize_stream`.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class SpeechWorker:
         self._lock = threading.Lock()
         self._pending: list[SpeechJob] = []
         self._current: SpeechJob | None = None
+        self.scheduler: Any = None  # the engine_scheduler.Scheduler while jobs share decode steps
         self._thread = threading.Thread(target=self._own_mlx, name="mlx-owner", daemon=True)
 
     def start(self) -> None:
@@ -135,6 +138,13 @@ class SpeechWorker:
             logger.exception("engine initialisation failed: check PRIMESPEECH_MODEL_DIR and VOICE_NAME")
         finally:
             self.ready.set()
+        if self.engine is not None and getattr(self.engine, "batch_rows", 1) > 1:
+            self._serve_shared()
+        else:
+            self._serve_fifo()
+
+    def _serve_fifo(self) -> None:
+        """One job at a time, in arrival order."""
         while True:
             job = self._jobs.get()
             if job is None:
@@ -150,6 +160,44 @@ class SpeechWorker:
                 with self._lock:
                     if job in self._pending:
                         self._pending.remove(job)
+
+    def _serve_shared(self) -> None:
+        """Jobs through the scheduler: those queued join between decode steps; waits only when idle."""
+        from ..engine_scheduler import ScheduledRequest, Scheduler
+
+        self.scheduler = scheduler = Scheduler(self.engine)
+        while True:
+            jobs: list[SpeechJob | None] = []
+            try:
+                jobs.append(self._jobs.get(block=not scheduler.busy))
+                while True:
+                    jobs.append(self._jobs.get_nowait())
+            except queue.Empty:
+                pass
+            for job in jobs:
+                if job is not None:
+                    scheduler.submit(ScheduledRequest(job.text, job.voice, self._sink(job), job.options,
+                                                      streaming=job.streaming, submitted=job.submitted,
+                                                      is_cancelled=lambda job=job: job.cancelled))
+            try:
+                scheduler.step()  # with None (close) queued: every job is cancelled, this step answers them
+            except Exception as exc:  # noqa: BLE001 - a fault in the scheduler: answer everyone, carry on
+                logger.exception("the scheduler failed; its requests are answered with the error")
+                scheduler.abort(exc)
+            if None in jobs:
+                return
+
+    def _sink(self, job: SpeechJob):
+        """The scheduler's events for `job`: a final one takes it off the pending list first."""
+
+        def sink(kind: str, payload: Any) -> None:
+            if kind != "chunk":
+                with self._lock:
+                    if job in self._pending:
+                        self._pending.remove(job)
+            job.emit(kind, None if kind == "cancelled" else payload)
+
+        return sink
 
     def _run(self, job: SpeechJob) -> None:
         if job.cancelled:

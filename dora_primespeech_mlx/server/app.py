@@ -5,7 +5,8 @@
 
 Routes: POST /v1/audio/speech, GET|POST /v1/audio/voices, GET /health, GET /metrics, GET / and
 /static/* (the playground). The event loop parses, checks and streams; every MLX call runs on the
-worker's `mlx-owner` thread (worker.py), which answers one request at a time.
+worker's `mlx-owner` thread (worker.py): one request at a time on the CPU, concurrent requests sharing
+decode steps where the engine batches (a GPU; engine_scheduler.py).
 """
 
 from __future__ import annotations

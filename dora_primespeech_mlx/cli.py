@@ -3,7 +3,7 @@
 Subcommands:
   synthesize TEXT  speak TEXT with a voice into a WAV file, with a timing summary
   convert          convert a voice's (or all voices') checkpoints into the safetensors cache ahead of time
-  bench            time load, voice preparation, whole and streamed synthesis of a text (JSON out)
+  bench            machine, MLX, GPT decode ms/token (eager/compiled, fp32/fp16), first audio, RTF (--json)
   voices           list the voices and whether their files exist under the model directory
   inspect PATH     read a GPT .ckpt, SoVITS .pth or HF model folder without torch and summarise it
   download         fetch the voices, encoders and G2PW model from the Hugging Face Hub (extra [download])
@@ -171,32 +171,21 @@ BENCH_TEXT = "今天天气不错，我们去公园散步吧。The weather is nic
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import mlx.core as mx
-
+    from .bench_report import bench_report
     from .engine import Engine
-    from .options import SynthesisOptions
 
-    t0 = time.perf_counter()
     engine = Engine(args.model_dir)  # this thread owns it: every MLX call below runs here (engine.py)
     voice = engine.registry.get(args.voice)
-    engine.voice_models(voice)
-    report = {"device": str(mx.default_device()), "backend": engine.backend, "voice": voice.id, "text": args.text,
-              "load_s": time.perf_counter() - t0}
-    t0 = time.perf_counter()
-    engine.prepare_voice(voice)
-    report["prepare_voice_s"] = time.perf_counter() - t0
-    options = SynthesisOptions(seed=args.seed, max_new_tokens=args.max_tokens)
-    runs = []
-    for _ in range(args.runs):
-        whole = engine.synthesize(args.text, voice, options)
-        t0 = time.perf_counter()
-        first = None
-        for chunk in engine.synthesize_stream(args.text, voice, options, streaming=True):
-            first = first if first is not None else time.perf_counter() - t0
-        runs.append({"audio_s": whole.duration, **{k: round(v, 4) for k, v in whole.timings.items()},
-                     "stream_first_chunk_s": first, "stream_total_s": time.perf_counter() - t0})
-    report["runs"] = runs
+    report = bench_report(engine, voice, args.text, max_tokens=args.max_tokens, runs=args.runs, seed=args.seed,
+                          decode_tokens=args.decode_tokens, precisions=tuple(args.precisions))
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False))
+        return 0
     print(json.dumps(report, ensure_ascii=False, indent=1))
+    print(f"\ndecode fp32 {report['decode_ms_per_token_fp32_eager']} ms/token eager, "
+          f"{report['decode_ms_per_token_fp32_compiled']} compiled; first audio {report['first_audio_ms']} ms; "
+          f"RTF {report['rtf']} — share the JSON line of `gpt-sovits-mlx bench --json` (docs/performance.md)",
+          file=sys.stderr)
     return 0
 
 
@@ -235,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--seed", type=int, default=233333)
     p.add_argument("--max-tokens", type=int, default=None, help="cap per sentence (random smoke weights never stop)")
+    p.add_argument("--decode-tokens", type=int, default=150, help="tokens per GPT decode measurement")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "fp16"], choices=["fp32", "fp16", "bf16", "int8"])
+    p.add_argument("--json", action="store_true", help="print one JSON line only (what to share)")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("inspect", help="summarise a checkpoint or HF folder without torch")
     p.add_argument("path")

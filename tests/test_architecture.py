@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("models",),  # graphs, their configs and sanitize; loading via models.base
     ("text", "audio", "voices", "coreml", "convert"),  # the engine's parts
     ("engine", "batch_synthesis", "engine_scheduler", "smoke"),  # one pass from text to audio chunks
-    ("node_config", "node_payload", "node_service", "node", "cli", "download", "server", ""),  # adapters ("" is the package's own __init__)
+    ("node_config", "node_payload", "node_service", "node", "cli", "download", "server", "bench_report", ""),  # adapters ("" is the package's own __init__)
 ]
 
 

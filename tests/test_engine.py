@@ -227,16 +227,6 @@ def test_cancel_from_another_thread_returns_promptly(engine):
     assert time.perf_counter() - t0 < 60  # 300 tokens would take minutes on mlx-cpu
 
 
-def test_cli_bench_reports_timings(all_voices_dir, capsys):
-    from dora_primespeech_mlx.cli import main
-
-    rc = main(["bench", "--text", "你好。", "--model-dir", str(all_voices_dir), "--max-tokens", "3"])
-    report = json.loads(capsys.readouterr().out)
-    assert rc == 0 and report["voice"] == "Doubao" and report["prepare_voice_s"] >= 0
-    (run,) = report["runs"]
-    assert run["tokens"] <= 3 and 0 < run["stream_first_chunk_s"] <= run["stream_total_s"]
-
-
 # ---------------------------------------------------------------- one MLX owner thread (threading rule)
 
 

@@ -310,7 +310,25 @@ def test_whole_text_batches_its_sentences_and_sounds_as_one_by_one(engine):
         np.testing.assert_allclose(b.audio, s.audio, atol=1e-4)
     cancelled = iter([False, False, True])
     with pytest.raises(SynthesisCancelled):
-        list(engine.synthesize_stream(text, VOICE, options, streaming=False, is_cancelled=lambda: next(cancelled, True)))
+        list(engine.synthesize_stream(text, VOICE, options, streaming=False,
+                                      is_cancelled=lambda: next(cancelled, True)))
+
+
+def test_cli_bench_json_is_one_line_with_what_to_share(tiny_dir, capsys):
+    from dora_primespeech_mlx.cli import main
+
+    rc = main(["bench", "--text", "你好。", "--model-dir", str(tiny_dir), "--max-tokens", "3", "--json",
+               "--decode-tokens", "6", "--precisions", "fp32", "fp16"])
+    out = capsys.readouterr().out.strip()
+    assert rc == 0 and "\n" not in out  # one JSON line, the thing to share
+    report = json.loads(out)
+    assert report["voice"] == VOICE and report["prepare_voice_s"] >= 0
+    assert report["machine"]["mlx"] == mx.__version__ and report["machine"]["chip"] and report["machine"]["device"]
+    for key in ("decode_ms_per_token_fp32_eager", "decode_ms_per_token_fp32_compiled", "decode_ms_per_token_fp16_eager",
+                "decode_ms_per_token_fp16_compiled", "batch_tokens_per_s_1_rows", "batch_tokens_per_s_8_rows",
+                "first_audio_ms", "rtf"):
+        assert report[key] > 0, key
+    assert 0 < report["first_audio_ms"] / 1000 <= report["streamed_total_s"]
 
 
 # ------------------------------------------------------------------------------- broken files

@@ -423,7 +423,9 @@ def test_api_key_loading_503_and_a_failure_mid_stream(tiny_dir, tmp_path):
 
     def slow_factory(config, registry):
         assert release.wait(60), "the test never released the engine"
-        return FailsMidStream(config.model_dir, registry=registry)
+        # one row, as on the CPU, on every device: synthesize_stream (overridden above) runs the jobs; the shared-
+        # step path is tests/test_server_batched.py's
+        return FailsMidStream(config.model_dir, registry=registry, batch_rows=1)
 
     running = RunningServer(create_app(tiny_config(tiny_dir), engine_factory=slow_factory, api_key=KEY,
                                        voices_dir=tmp_path / "voices", max_queue=1))

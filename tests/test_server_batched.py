@@ -25,11 +25,32 @@ from dora_primespeech_mlx.server.app import create_app
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 import tiny_models  # noqa: E402
-from test_server import LONG_TEXT, RunningServer, metric, parse_stream_wav, tiny_config, wait_idle  # noqa: E402
+from test_server import (  # noqa: E402
+    LONG_TEXT,
+    MAX_NEW_TOKENS,
+    SAMPLES_PER_TOKEN,
+    RunningServer,
+    metric,
+    parse_stream_wav,
+    tiny_config,
+    wait_idle,
+)
 
 pytestmark = pytest.mark.fast
 
 LSB = 1 / 32767
+
+
+class FailsInItsSecondSentence(Engine):
+    """The real engine, except that while `armed`, making a chunk of a second sentence fails (the scheduler
+    makes every chunk through `_chunk`; only the failing request of that test has a second sentence)."""
+
+    armed = False
+
+    def _chunk(self, audio, sentence, chunk, final, timings, t_start, notes=None):
+        if self.armed and sentence == 1:
+            raise RuntimeError("simulated failure in the second sentence")
+        return super()._chunk(audio, sentence, chunk, final, timings, t_start, notes)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +63,7 @@ def server(tmp_path_factory):
     tiny_dir = tiny_models.build_tiny_model_dir(tmp_path_factory.mktemp("batched-server-tiny") / "models")
 
     def factory(config, registry):
-        return Engine(config.model_dir, registry=registry, batch_rows=4)
+        return FailsInItsSecondSentence(config.model_dir, registry=registry, batch_rows=4)
 
     running = RunningServer(create_app(tiny_config(tiny_dir), engine_factory=factory, api_key="",
                                        voices_dir=tmp_path_factory.mktemp("batched-voices")))
@@ -143,3 +164,42 @@ def test_a_disconnect_cancels_only_its_request(server):
     alone = speak(server, *REQUESTS[0])
     assert isinstance(other["audio"], np.ndarray) and other["audio"].shape == alone.shape
     np.testing.assert_allclose(other["audio"], alone, atol=4 * LSB)
+
+
+def test_a_request_failing_mid_stream_leaves_the_others(server):
+    errors = metric(server.url, 'gpt_sovits_synthesis_errors_total{stage="mid_stream"}')
+    start = threading.Barrier(3)
+    results: dict[str, object] = {}
+
+    def failing() -> None:
+        start.wait(30)
+        with server.client().audio.speech.with_streaming_response.create(
+                model="tts-1", voice="Doubao", input="第一句会说完。第二句会失败。", response_format="pcm",
+                extra_body={"seed": 1}) as response:
+            results["failing"] = (response.status_code, b"".join(response.iter_bytes()))
+
+    single = {0: ("这个请求只有一句话。", "wav", {"seed": 3}), 1: ("This one is in English.", "pcm", {"seed": 5})}
+
+    def fine(i: int) -> None:
+        start.wait(30)
+        results[i] = speak(server, *single[i])
+
+    engine = server.app.server.worker.engine
+    threads = [threading.Thread(target=failing)] + [threading.Thread(target=fine, args=(i,)) for i in single]
+    engine.armed = True
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        engine.armed = False
+    status, body = results["failing"]
+    # the status went out with the first sentence's audio; the stream ends early, counted as a mid-stream error
+    assert status == 200 and 0 < len(body) <= MAX_NEW_TOKENS * SAMPLES_PER_TOKEN * 2 and len(body) % 2 == 0
+    assert metric(server.url, 'gpt_sovits_synthesis_errors_total{stage="mid_stream"}') == errors + 1
+    for i in single:
+        alone = speak(server, *single[i])
+        assert results[i].shape == alone.shape
+        np.testing.assert_allclose(results[i], alone, atol=4 * LSB)
+    assert server.app.server.worker.queue_depth == 0

@@ -225,8 +225,9 @@ class Scheduler:
         for key, lane in list(self._lanes.items()):
             if lane.rows:
                 self._step_lane(key, lane)
+        self._trim_lanes()
         if not self._active:
-            self._trim_lanes()
+            mx.clear_cache()  # release buffers between requests, as the engine does after each one
 
     def _admit(self) -> None:
         while True:
@@ -252,11 +253,10 @@ class Scheduler:
         return lane
 
     def _trim_lanes(self) -> None:
-        """Idle: keep the most recent decoders (their compiled steps), release buffers (as the engine
-        does after each request)."""
-        while len(self._lanes) > IDLE_DECODERS:
-            self._lanes.popitem(last=False)
-        mx.clear_cache()
+        """Keep at most `IDLE_DECODERS` decoders without rows (the most recent: their compiled steps)."""
+        idle = [key for key, lane in self._lanes.items() if not lane.rows]
+        for key in idle[:max(0, len(self._lanes) - IDLE_DECODERS)]:
+            del self._lanes[key]
 
     def _wants_row(self, req: _Active) -> bool:
         if req.finished or (req.spec.streaming and req.rows):

@@ -6,9 +6,9 @@ mask, softmax, values matmul) over the whole padded K/V capacity. Decode is boun
 kernels, not by arithmetic, so one kernel that reads only the valid positions pays.
 
 `single_query_attention(q, k, v, lengths, scale)`: q (B, H, 1, 32), k/v (B, H, capacity, 32), lengths
-(B,) int32 = valid positions per row (a row attends to positions `< lengths[b]`). One block of 128
-threads per (row, head): each warp walks every 4th position, a lane holds one channel, the score is
-a warp reduction and the softmax is online (running max and sum), the four warps merge at the end.
+(B,) int32 = valid positions per row (a row attends to positions `< lengths[b]`). One block of WARPS
+warps per (row, head): each warp walks every WARPS-th position, a lane holds one channel, the score
+is a warp reduction and the softmax is online (running max and sum), the warps merge at the end.
 
 Opt-in (`DPM_FUSED_ATTENTION=1`): measured on the H200 it did not pay (docs/performance.md). The
 kernel is used only after `self_check` compared it with the reference ops on random inputs on
@@ -29,7 +29,9 @@ __all__ = ["HEAD_DIM", "fused_attention_available", "reference_attention", "self
 logger = logging.getLogger(__name__)
 
 HEAD_DIM = 32
-THREADS = 128  # 4 warps (CUDA) / 4 simdgroups (Metal) of 32
+# warps (CUDA) / simdgroups (Metal) of 32 per (row, head): each walks every WARPS-th position;
+# DPM_FUSED_WARPS overrides (1..32) for measurement
+WARPS = 16
 # opt-in: on the H200 the kernel measured no steady gain over MLX's ops (docs/performance.md), so
 # "1" turns it on; anything else leaves decode on MLX's ops
 ENV_SWITCH = "DPM_FUSED_ATTENTION"
@@ -47,7 +49,7 @@ _CUDA_SOURCE = """
     const T* kb = k + (size_t)bh * C * 32;
     const T* vb = v + (size_t)bh * C * 32;
     float m = -INFINITY, l = 0.f, acc = 0.f;
-    for (int t = warp; t < n; t += 4) {
+    for (int t = warp; t < n; t += WARPS) {
         float s = qd * static_cast<float>(kb[t * 32 + lane]);
         for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
         s *= scale;
@@ -58,17 +60,17 @@ _CUDA_SOURCE = """
         acc = acc * corr + p * static_cast<float>(vb[t * 32 + lane]);
         m = m_new;
     }
-    __shared__ float sm[4];
-    __shared__ float sl[4];
-    __shared__ float sacc[4][32];
+    __shared__ float sm[WARPS];
+    __shared__ float sl[WARPS];
+    __shared__ float sacc[WARPS][32];
     if (lane == 0) { sm[warp] = m; sl[warp] = l; }
     sacc[warp][lane] = acc;
     __syncthreads();
     if (warp == 0) {
         float M = -INFINITY;
-        for (int w = 0; w < 4; ++w) M = fmaxf(M, sm[w]);
+        for (int w = 0; w < WARPS; ++w) M = fmaxf(M, sm[w]);
         float L = 0.f, A = 0.f;
-        for (int w = 0; w < 4; ++w) {
+        for (int w = 0; w < WARPS; ++w) {
             if (sm[w] == -INFINITY) continue;
             const float c = expf(sm[w] - M);
             L += sl[w] * c;
@@ -92,7 +94,7 @@ _METAL_SOURCE = """
     const device T* kb = k + (size_t)bh * C * 32;
     const device T* vb = v + (size_t)bh * C * 32;
     float m = -INFINITY, l = 0.f, acc = 0.f;
-    for (int t = warp; t < n; t += 4) {
+    for (int t = warp; t < n; t += WARPS) {
         float s = simd_sum(qd * static_cast<float>(kb[t * 32 + lane])) * scale;
         const float m_new = fmax(m, s);
         const float corr = metal::precise::exp(m - m_new);
@@ -101,17 +103,17 @@ _METAL_SOURCE = """
         acc = acc * corr + p * static_cast<float>(vb[t * 32 + lane]);
         m = m_new;
     }
-    threadgroup float sm[4];
-    threadgroup float sl[4];
-    threadgroup float sacc[4][32];
+    threadgroup float sm[WARPS];
+    threadgroup float sl[WARPS];
+    threadgroup float sacc[WARPS][32];
     if (lane == 0) { sm[warp] = m; sl[warp] = l; }
     sacc[warp][lane] = acc;
     threadgroup_barrier(mem_flags::mem_threadgroup);
     if (warp == 0) {
         float M = -INFINITY;
-        for (int w = 0; w < 4; ++w) M = fmax(M, sm[w]);
+        for (int w = 0; w < WARPS; ++w) M = fmax(M, sm[w]);
         float L = 0.f, A = 0.f;
-        for (int w = 0; w < 4; ++w) {
+        for (int w = 0; w < WARPS; ++w) {
             if (sm[w] == -INFINITY) continue;
             const float c = metal::precise::exp(sm[w] - M);
             L += sl[w] * c;
@@ -150,8 +152,10 @@ def single_query_attention(q: mx.array, k: mx.array, v: mx.array, lengths: mx.ar
     """The fused kernel (no availability check: see `fused_attention_available`)."""
     B, H, _, D = q.shape
     kernel = _build(_backend())
+    warps = min(32, max(1, int(os.environ.get("DPM_FUSED_WARPS", WARPS))))
     (out,) = kernel(inputs=[q, k, v, lengths.astype(mx.int32), mx.array([scale], dtype=mx.float32)],
-                    template=[("T", q.dtype)], grid=(B * H * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
+                    template=[("T", q.dtype), ("WARPS", warps)], grid=(B * H * 32 * warps, 1, 1),
+                    threadgroup=(32 * warps, 1, 1),
                     output_shapes=[(B, H, 1, D)], output_dtypes=[q.dtype])
     return out
 

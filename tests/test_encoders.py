@@ -155,10 +155,13 @@ def test_vocab_txt_fallback_tokenizes_like_tokenizer_json(fixtures, refs, tmp_pa
         load_tokenizer(tmp_path / "nowhere")
 
 
-def test_bert_hidden_state_m3_matches_oracle(bert_hidden, refs):
-    assert len(bert_hidden) == 25  # embeddings + 24 layers, as HF output_hidden_states
+def test_bert_hidden_state_m3_matches_oracle(bert, bert_hidden, refs):
+    # embeddings + the 22 layers GPT-SoVITS reads (HF output_hidden_states[:-2]): hidden_states[-3]
+    # of the 24-layer model is the last one the loaded model gives
+    assert bert.n_layers == bert.phone_feature_layer == 22 and len(bert.bert.encoder.layer) == 22
+    assert len(bert_hidden) == 23
     assert all(h.shape == (8, 1024) for h in bert_hidden)
-    assert max_abs(bert_hidden[-3][1:-1], refs["bert_hidden_m3"]) <= 1e-4
+    assert max_abs(bert_hidden[bert.phone_feature_layer][1:-1], refs["bert_hidden_m3"]) <= 1e-4
 
 
 def test_phone_features_built_as_upstream(bert, bert_hidden, refs):
@@ -168,7 +171,7 @@ def test_phone_features_built_as_upstream(bert, bert_hidden, refs):
     assert max_abs(feats, refs["bert_phone_level"]) <= 1e-4
     # the construction itself is exact: our layer -3 rows, CLS/SEP dropped, repeated by word2ph,
     # with only the first 22 layers run
-    expected = np.concatenate([np.tile(row, (n, 1)) for row, n in zip(bert_hidden[-3][1:-1], word2ph)]).T
+    expected = np.concatenate([np.tile(row, (n, 1)) for row, n in zip(bert_hidden[22][1:-1], word2ph)]).T
     np.testing.assert_array_equal(feats, expected)
 
 
@@ -182,8 +185,13 @@ def test_bert_every_parameter_from_file(bert, fixtures):
     sanitized = bert.sanitize(raw)
     del raw
     assert not any(k.startswith(("cls.", "bert.pooler.")) for k in sanitized)
-    assert_every_parameter_from(bert, sanitized)
     assert bert.sanitize(sanitized).keys() == sanitized.keys()
+    # the last two layers are in the file but never loaded (nor the pooler and MLM head)
+    unused = [k for k in sanitized if k.startswith(("bert.encoder.layer.22.", "bert.encoder.layer.23."))]
+    assert len(unused) == 32
+    for k in unused:
+        del sanitized[k]
+    assert_every_parameter_from(bert, sanitized)
 
 
 def _tiny_bert_folder(folder: Path, fixtures, weights: dict[str, np.ndarray], cfg: dict) -> Path:
@@ -213,9 +221,13 @@ def test_bert_loader_accepts_old_names_and_is_strict(fixtures, tmp_path):
     old["pooler.dense.weight"] = rng.standard_normal((32, 32)).astype(np.float16)
     old["embeddings.position_ids"] = np.arange(16, dtype=np.int64)[None]
     model = load_bert(_tiny_bert_folder(tmp_path / "old", fixtures, old, TINY_BERT))
-    assert_every_parameter_from(model, {k: v.astype(np.float32) for k, v in weights.items()})
+    # 3 layers in the file, hidden_states[-3] is layer 1's output: only layer 0 is loaded
+    assert_every_parameter_from(model, {k: v.astype(np.float32) for k, v in weights.items()
+                                        if not k.startswith(("bert.encoder.layer.1.", "bert.encoder.layer.2."))})
     hs = model.hidden_states(model.tokenize(TEXT), n_layers=1)
     assert len(hs) == 2 and hs[0].shape == (8, 32)
+    with pytest.raises(ValueError, match="holds 1 of 3 layers"):
+        model.hidden_states(model.tokenize(TEXT), n_layers=2)
 
     missing = {k: v for k, v in weights.items() if k != "bert.encoder.layer.2.output.dense.bias"}
     with pytest.raises(CheckpointError, match=r"encoder\.layer\.2\.output\.dense\.bias"):

@@ -69,3 +69,145 @@ def test_hubert_released_after_prompt_codes_and_reloaded_for_a_new_voice(fixture
         want = reference_features(clip, load_hubert(fixtures.hubert_dir), sov)[0]
         np.testing.assert_array_equal(got, np.asarray(want, np.int64).reshape(-1))
     assert got.shape != codes.shape or not np.array_equal(got, codes)
+
+
+# ------------------------------------------------------------------------------------------ RoBERTa
+
+BERT_TEXT = "今天的天气很好"
+BERT_WORD2PH = [2] * len(BERT_TEXT)
+
+
+def test_bert_holds_only_the_layers_its_features_use(fixtures):
+    from dora_primespeech_mlx.models.bert import load_bert
+
+    bert = load_bert(fixtures.bert_dir)
+    names = {k for k, _ in tree_flatten(bert.parameters())}
+    assert bert.n_layers == 22 and len(bert.bert.encoder.layer) == 22
+    assert not any(k.startswith(("bert.encoder.layer.22.", "bert.encoder.layer.23.", "bert.pooler", "cls."))
+                   for k in names)
+    # 22 layers of 12.6 M parameters and the embeddings, fp32: 1.20 GB (24 layers: 1.30 GB)
+    assert 1.15e9 < nbytes(bert) < 1.25e9
+
+
+def test_bert_loads_tensor_by_tensor_without_reading_the_file_whole(fixtures):
+    """The anonymous memory of a process loading RoBERTa peaks near the loaded model: the weights
+    come from a memory map, one tensor at a time (the old path read the whole state dict into numpy
+    first, then cast it to fp32: ~2 GB more). File pages of the map are shared, not counted here."""
+    import subprocess
+    import sys
+
+    from dora_primespeech_mlx.weights.cache import load_hf_weights_cached
+
+    load_hf_weights_cached(fixtures.bert_dir, mapped=True)  # the cache entry exists (a first load converts)
+    code = ("import threading, time; from mlx.utils import tree_flatten\n"
+            "peak = [0]\n"
+            "def anon():\n"
+            "    for line in open('/proc/self/smaps_rollup'):\n"
+            "        if line.startswith('Anonymous:'): return int(line.split()[1]) * 1024\n"
+            "def watch():\n"
+            "    while True: peak[0] = max(peak[0], anon()); time.sleep(0.01)\n"
+            "threading.Thread(target=watch, daemon=True).start()\n"
+            "from dora_primespeech_mlx.models.bert import load_bert\n"
+            "base = anon()\n"
+            f"b = load_bert({str(fixtures.bert_dir)!r})\n"
+            "time.sleep(0.05); peak[0] = max(peak[0], anon())\n"
+            "print(peak[0] - base, sum(a.nbytes for _, a in tree_flatten(b.parameters())))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    peak, params = int(out[-2]), int(out[-1])
+    print(f"RoBERTa load: anonymous memory peaks {peak / 1e6:.0f} MB above the start for {params / 1e6:.0f} MB "
+          "of weights")
+    assert params < peak < params + 300e6
+
+
+def test_bert_streamed_gives_the_same_features_in_a_fraction_of_the_memory(fixtures):
+    from dora_primespeech_mlx.models.bert import load_bert
+
+    resident = load_bert(fixtures.bert_dir)
+    want = resident.phone_features(BERT_TEXT, BERT_WORD2PH)
+    held = nbytes(resident)
+    del resident
+    gc.collect()
+    mx.clear_cache()
+    streamed = load_bert(fixtures.bert_dir, streamed=True)
+    assert nbytes(streamed) < 5e6  # the position / type embeddings and LayerNorm only
+    got = streamed.phone_features(BERT_TEXT, BERT_WORD2PH)
+    np.testing.assert_array_equal(got, want)  # the same computation, to the bit
+    # what a call leaves in MLX memory: one layer's weights and the activations, not the model
+    assert mx.get_active_memory() < held / 10
+    np.testing.assert_array_equal(streamed.phone_features(BERT_TEXT, BERT_WORD2PH), want)
+
+
+def test_bert_streamed_in_fp16_matches_resident_fp16(fixtures):
+    from dora_primespeech_mlx.models.bert import load_bert
+
+    want = load_bert(fixtures.bert_dir, dtype=mx.float16).phone_features(BERT_TEXT, BERT_WORD2PH)
+    got = load_bert(fixtures.bert_dir, dtype=mx.float16, streamed=True).phone_features(BERT_TEXT, BERT_WORD2PH)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_memory_preset_from_the_environment(fixtures, monkeypatch):
+    monkeypatch.setenv("MEMORY_PRESET", "low")
+    engine = Engine(fixtures.model_dir)
+    assert engine.memory_preset == "low"
+    assert engine.bert()._streamed is not None
+    monkeypatch.delenv("MEMORY_PRESET")
+    assert Engine(fixtures.model_dir).memory_preset == "default"
+    monkeypatch.setenv("MEMORY_PRESET", "tiny")
+    with pytest.raises(ValueError, match="MEMORY_PRESET"):
+        Engine(fixtures.model_dir)
+
+
+def test_bert_streamed_on_a_small_model_and_its_checks(fixtures, tmp_path):
+    """A 4-layer model in fp16 safetensors: streamed = resident to the bit; a file missing a layer
+    that never runs is refused all the same; bfloat16 (no numpy view) falls back to holding it."""
+    import json
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    from dora_primespeech_mlx.models.bert import BertConfig, BertEncoderModel, load_bert
+    from dora_primespeech_mlx.weights import CheckpointError
+
+    cfg = {"vocab_size": 21128, "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4,
+           "intermediate_size": 64, "max_position_embeddings": 16, "type_vocab_size": 2, "hidden_act": "gelu",
+           "layer_norm_eps": 1e-12, "model_type": "bert"}
+    rng = np.random.default_rng(0)
+    full = BertEncoderModel(BertConfig.from_dict(cfg))
+    weights = {k: rng.standard_normal(v.shape).astype(np.float16) for k, v in tree_flatten(full.parameters())}
+
+    def folder(name: str, w: dict) -> str:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(cfg))
+        shutil.copy(fixtures.bert_dir / "tokenizer.json", d / "tokenizer.json")
+        save_file(w, str(d / "model.safetensors"))
+        return d
+
+    ok = folder("ok", weights)
+    resident, streamed = load_bert(ok), load_bert(ok, streamed=True)
+    assert resident.n_layers == streamed.n_layers == 2 and streamed._streamed is not None
+    np.testing.assert_array_equal(streamed.phone_features("你好", [2, 2]), resident.phone_features("你好", [2, 2]))
+    hs_r, hs_s = resident.hidden_states(resident.tokenize("你好")), streamed.hidden_states(streamed.tokenize("你好"))
+    assert len(hs_r) == len(hs_s) == 3
+    for a, b in zip(hs_r, hs_s):
+        np.testing.assert_array_equal(a, b)
+
+    missing = {k: v for k, v in weights.items() if k != "bert.encoder.layer.3.intermediate.dense.weight"}
+    for streamed_flag in (False, True):
+        with pytest.raises(CheckpointError, match=r"missing bert\.encoder\.layer\.3\.intermediate\.dense\.weight"):
+            load_bert(folder(f"missing{streamed_flag}", missing), streamed=streamed_flag)
+
+    bf16 = {k: (v.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16) for k, v in weights.items()}
+    d = folder("bf16", {})
+    # a bf16 file written by hand: the same header as safetensors.numpy would write, dtype BF16
+    header, blobs, offset = {}, [], 0
+    for k, v in bf16.items():
+        header[k] = {"dtype": "BF16", "shape": list(v.shape), "data_offsets": [offset, offset + v.nbytes]}
+        blobs.append(v.tobytes())
+        offset += v.nbytes
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    (d / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + b"".join(blobs))
+    from_bf16 = load_bert(d, streamed=True)
+    assert from_bf16._streamed is None  # no view of bfloat16: held in memory instead
+    np.testing.assert_array_equal(from_bf16.phone_features("你好", [2, 2]), load_bert(d).phone_features("你好", [2, 2]))

@@ -2,9 +2,17 @@
 
 Despite its name the checkpoint is a plain post-norm BERT (`BertForMaskedLM`); GPT-SoVITS uses
 `hidden_states[-3]` (the output of layer 22 of 24) with the `[CLS]`/`[SEP]` rows dropped, each
-character's row repeated `word2ph[i]` times. Layers past the one needed, the pooler and the MLM head
-never run. Attribute paths mirror the HF keys (`bert.encoder.layer.{i}.attention.self.query`, ...).
+character's row repeated `word2ph[i]` times. Layers past the one needed (the last two), the pooler
+and the MLM head are never loaded or run: `load_bert` checks they are in the file, then leaves them
+there. Attribute paths mirror the HF keys (`bert.encoder.layer.{i}.attention.self.query`, ...).
 Tokenisation uses the `tokenizers` library (tokenizer.json, or vocab.txt), never transformers.
+
+Memory (issue 20, item 6): the weights are read tensor by tensor from a memory map of the
+safetensors file (the folder's own, or the conversion cache's copy of `pytorch_model.bin`), so
+loading never holds the file whole. `load_bert(streamed=True)` keeps the layers in that map instead
+of in MLX memory: each forward copies one layer in, runs it and lets it go, so the processes that map
+the same file share one copy of the weights in the page cache (same numbers, slower: the opt-in
+low-memory preset).
 """
 
 from __future__ import annotations
@@ -17,8 +25,9 @@ from typing import Sequence
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
-from ..weights import check_float, check_int
+from ..weights import CheckpointError, check_float, check_int
 from ..weights.cache import load_hf_weights_cached
 from .base import ModelConfig, load_strict, read_hf_config
 
@@ -69,10 +78,12 @@ class BertEmbeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def __call__(self, input_ids: mx.array) -> mx.array:
+    def __call__(self, input_ids: mx.array, words: mx.array | None = None) -> mx.array:
+        """`words`: the word-embedding rows of `input_ids`, where the table is not held (streamed)."""
         t = input_ids.shape[1]
+        words = self.word_embeddings(input_ids) if words is None else words
         # token_type_ids are all 0 for a single sentence, positions start at 0
-        x = self.word_embeddings(input_ids) + self.token_type_embeddings.weight[0] + self.position_embeddings.weight[:t]
+        x = words + self.token_type_embeddings.weight[0] + self.position_embeddings.weight[:t]
         return self.LayerNorm(x)
 
 
@@ -141,26 +152,50 @@ class BertLayer(nn.Module):
 
 
 class BertEncoder(nn.Module):
-    def __init__(self, cfg: BertConfig):
+    def __init__(self, cfg: BertConfig, n_layers: int):
         super().__init__()
-        self.layer = [BertLayer(cfg) for _ in range(cfg.num_hidden_layers)]
+        self.layer = [BertLayer(cfg) for _ in range(n_layers)]
 
 
 class BertModel(nn.Module):
-    def __init__(self, cfg: BertConfig):
+    def __init__(self, cfg: BertConfig, n_layers: int):
         super().__init__()
         self.embeddings = BertEmbeddings(cfg)
-        self.encoder = BertEncoder(cfg)
+        self.encoder = BertEncoder(cfg, n_layers)
+
+
+@dataclass
+class _Streamed:
+    """Layer weights left in the file's memory map (`load_bert(streamed=True)`)."""
+
+    source: Path
+    dtype: mx.Dtype
+    words: np.ndarray  # (vocab, hidden) word-embedding table, a view of the map
+    layers: list[dict[str, np.ndarray]]  # per layer: parameter name -> view of the map
+    slot: BertLayer  # the one layer module the weights are copied into, layer by layer
 
 
 class BertEncoderModel(nn.Module):
-    """The `bert.*` part of `BertForMaskedLM` (no pooler, no MLM head), plus its tokenizer."""
+    """The `bert.*` part of `BertForMaskedLM` (no pooler, no MLM head), plus its tokenizer.
 
-    def __init__(self, cfg: BertConfig, tokenizer=None):
+    `n_layers` (default: all) is how many encoder layers it holds; `load_bert` builds only those the
+    phone features use (`phone_feature_layer`)."""
+
+    def __init__(self, cfg: BertConfig, tokenizer=None, *, n_layers: int | None = None):
         super().__init__()
         self.config = cfg
-        self.bert = BertModel(cfg)
+        n = cfg.num_hidden_layers if n_layers is None else n_layers
+        if not 0 <= n <= cfg.num_hidden_layers:
+            raise ValueError(f"n_layers must be in [0, {cfg.num_hidden_layers}], got {n}")
+        self.bert = BertModel(cfg, n)
+        self._n_layers = n
         self._tokenizer = tokenizer
+        self._streamed: _Streamed | None = None
+
+    @property
+    def n_layers(self) -> int:
+        """Encoder layers this model can run (held in memory, or streamed from the file)."""
+        return self._n_layers
 
     @property
     def phone_feature_layer(self) -> int:
@@ -168,13 +203,33 @@ class BertEncoderModel(nn.Module):
         return self.config.num_hidden_layers - 2
 
     def forward_hidden(self, input_ids: mx.array, n_layers: int | None = None) -> list[mx.array]:
-        """Embedding output then the outputs of the first `n_layers` layers, each (B, T, hidden)."""
-        n = self.config.num_hidden_layers if n_layers is None else n_layers
-        x = self.bert.embeddings(input_ids)
+        """Embedding output then the outputs of the first `n_layers` layers (default: all it holds),
+        each (B, T, hidden)."""
+        n = self._n_layers if n_layers is None else n_layers
+        if n > self._n_layers:
+            raise ValueError(f"this BERT holds {self._n_layers} of {self.config.num_hidden_layers} layers, "
+                             f"{n} were asked for")
+        st = self._streamed
+        if st is None:
+            x = self.bert.embeddings(input_ids)
+            out = [x]
+            for layer in self.bert.encoder.layer[:n]:
+                x = layer(x)
+                out.append(x)
+            return out
+        # streamed: the table's rows and each layer's weights copied in from the map when needed;
+        # each output is evaluated before the next layer's weights replace this one's
+        words = mx.array(st.words[np.asarray(input_ids)]).astype(st.dtype)
+        x = self.bert.embeddings(input_ids, words)
+        mx.eval(x)
         out = [x]
-        for layer in self.bert.encoder.layer[:n]:
-            x = layer(x)
+        for i in range(n):
+            load_strict(st.slot, dict(st.layers[i]), st.source, what=f"BERT layer {i}", dtype=st.dtype,
+                        hint="the file changed under the running engine; restart it")
+            x = st.slot(x)
+            mx.eval(x)
             out.append(x)
+        st.slot = BertLayer(self.config)  # the last layer's weights go too (a fresh layer's are lazy: no memory)
         return out
 
     def hidden_states(self, input_ids: Sequence[int] | np.ndarray, n_layers: int | None = None) -> list[np.ndarray]:
@@ -215,11 +270,12 @@ class BertEncoderModel(nn.Module):
         return np.ascontiguousarray(np.repeat(hidden[: len(word2ph)], word2ph, axis=0).T)
 
     def sanitize(self, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Map HF BERT state-dict names to this module's parameters (pure, idempotent).
+        """Map HF BERT state-dict names to the full model's parameters (pure, idempotent).
 
-        Keeps `bert.embeddings.*` and `bert.encoder.*`; adds the `bert.` prefix for `BertModel` saves;
-        renames old Google-style LayerNorm `gamma`/`beta`; drops the pooler, the MLM head (`cls.*`) and
-        the `position_ids`/`token_type_ids` buffers; casts to float32.
+        Keeps `bert.embeddings.*` and `bert.encoder.*` (every layer: `load_bert` checks the ones it
+        leaves out); adds the `bert.` prefix for `BertModel` saves; renames old Google-style LayerNorm
+        `gamma`/`beta`; drops the pooler, the MLM head (`cls.*`) and the `position_ids`/`token_type_ids`
+        buffers. Values are passed through untouched (memory-mapped views stay unread); the loader casts.
         """
         out: dict[str, np.ndarray] = {}
         for key, value in weights.items():
@@ -229,8 +285,28 @@ class BertEncoderModel(nn.Module):
                 continue
             if ".LayerNorm." in key:
                 key = key.replace(".LayerNorm.gamma", ".LayerNorm.weight").replace(".LayerNorm.beta", ".LayerNorm.bias")
-            out[key] = np.ascontiguousarray(value, dtype=np.float32)
+            out[key] = value
         return out
+
+    def take_layers(self, weights: dict[str, np.ndarray], first: int, stop: int,
+                    source: str | Path) -> list[dict[str, np.ndarray]]:
+        """Remove encoder layers `first..stop-1` from sanitized `weights` and return them, one dict per
+        layer (names relative to the layer), after checking each holds exactly a layer's tensors with
+        their shapes (so a file missing a layer is refused even where that layer never runs)."""
+        template = {k: tuple(v.shape) for k, v in tree_flatten(BertLayer(self.config).parameters())}  # lazy: no memory
+        layers = []
+        for i in range(first, stop):
+            prefix = f"bert.encoder.layer.{i}."
+            got = {k[len(prefix):]: weights.pop(k) for k in [k for k in weights if k.startswith(prefix)]}
+            missing, unexpected = sorted(set(template) - set(got)), sorted(set(got) - set(template))
+            bad = [k for k in template if k in got and tuple(got[k].shape) != template[k]]
+            if missing or unexpected or bad:
+                what = (f"missing {prefix}{missing[0]}" if missing else f"unexpected {prefix}{unexpected[0]}"
+                        if unexpected else f"{prefix}{bad[0]} has shape {tuple(got[bad[0]].shape)}, not {template[bad[0]]}")
+                raise CheckpointError(f"{source}: the BERT weights do not match the model: {what}; use the "
+                                      "chinese-roberta-wwm-ext-large folder from the PrimeSpeech download")
+            layers.append(got)
+        return layers
 
 
 def checked_word2ph(norm_text: str, word2ph: Sequence[int], n_tokens: int) -> list[int]:
@@ -271,22 +347,48 @@ def load_tokenizer(folder: str | Path):
                             "folder from the PrimeSpeech download into place")
 
 
-def load_bert(folder: str | Path, *, dtype: mx.Dtype = mx.float32) -> BertEncoderModel:
+def load_bert(folder: str | Path, *, dtype: mx.Dtype = mx.float32, streamed: bool = False) -> BertEncoderModel:
     """Load chinese-roberta-wwm-ext-large from an HF folder (`model.safetensors` or `pytorch_model.bin`, no torch).
 
-    Every encoder parameter must come from the file (strict load). fp32 compute by default;
-    `dtype=mx.float16` (opt-in, the engine's lower precisions) stores and runs it in fp16, halving its
-    1.3 GB (LayerNorm and attention softmax accumulate in float32 inside `mx.fast`; features are
-    returned as float32; error bound in tests/test_precision.py).
+    Only the layers the phone features use are loaded (22 of 24: `hidden_states[-3]`); the file must
+    still hold every layer (strict: names and shapes of all of them are checked). fp32 compute by
+    default; `dtype=mx.float16` (opt-in, the engine's lower precisions) stores and runs it in fp16,
+    halving its memory (LayerNorm and attention softmax accumulate in float32 inside `mx.fast`;
+    features are returned as float32; error bound in tests/test_precision.py).
+
+    `streamed=True` (the engine's MEMORY_PRESET=low) leaves the layers and the word-embedding table
+    in the file's memory map and copies each in, cast to `dtype`, when a forward needs it: the same
+    features to the bit, in a fraction of the memory (the map's pages are shared between processes),
+    for a copy of the weights per forward. Falls back to holding them where there is no safetensors
+    file to map (a conversion cache that cannot be written).
     """
     folder = Path(folder)
     cfg = read_hf_config(folder, BertConfig)
-    model = BertEncoderModel(cfg, load_tokenizer(folder))
-    weights = model.sanitize(load_hf_weights_cached(folder))
-    # tensor by tensor, each numpy source dropped at once: loading never holds two copies of the 1.3 GB
-    # model (the peak memory of three nodes starting together)
+    n = max(cfg.num_hidden_layers - 2, 0)  # hidden_states[-3]: the output of layer n
+    model = BertEncoderModel(cfg, load_tokenizer(folder), n_layers=n)
+    # memory-mapped views where a safetensors file holds the weights: each tensor is read as it is
+    # converted, and dropped at once, so loading never holds the file (the peak of three nodes starting)
+    weights = model.sanitize(load_hf_weights_cached(folder, mapped=True))
+    layers = model.take_layers(weights, 0, cfg.num_hidden_layers, folder)
+    words = weights.get("bert.embeddings.word_embeddings.weight")
+    views = [words] + [v for layer in layers for v in layer.values()]
+    if streamed and words is not None and all(isinstance(v, np.memmap) for v in views):
+        if tuple(words.shape) != (cfg.vocab_size, cfg.hidden_size):
+            raise CheckpointError(f"{folder}: the BERT word embeddings have shape {tuple(words.shape)}, not "
+                                  f"{(cfg.vocab_size, cfg.hidden_size)}; use the chinese-roberta-wwm-ext-large folder "
+                                  "from the PrimeSpeech download")
+        del weights["bert.embeddings.word_embeddings.weight"]
+        del model.bert.embeddings["word_embeddings"]  # the table stays in the map: rows are gathered there
+        model.bert.encoder.layer = []
+        slot = BertLayer(cfg)
+        model._streamed = _Streamed(folder, dtype, words, layers[:n], slot)
+    else:
+        for i, layer in enumerate(layers[:n]):
+            weights.update({f"bert.encoder.layer.{i}.{k}": v for k, v in layer.items()})
+    del layers, views, words
     load_strict(model, weights, folder, what="BERT", dtype=dtype,
                 hint="use the chinese-roberta-wwm-ext-large folder from the PrimeSpeech download")
     model.eval()
-    logger.info("loaded BERT from %s", folder)
+    logger.info("loaded BERT from %s (%d of %d layers%s)", folder, n, cfg.num_hidden_layers,
+                ", streamed from the file" if model._streamed else "")
     return model

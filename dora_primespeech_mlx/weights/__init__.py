@@ -6,9 +6,17 @@ the smoke voice and tests); and the generic convert-once cache (cache.py). Nothi
 models or the application; models import from here.
 """
 
-from .common import MAX_DEPTH, MAX_EXPANDED, VERSION_TAGS, CheckpointError, HParams, short_repr
+from .common import (
+    MAX_DEPTH,
+    MAX_EXPANDED,
+    VERSION_TAGS,
+    CheckpointError,
+    HParams,
+    release_freed_memory,
+    short_repr,
+)
 from .config import check_float, check_int, check_int_list, plain_config, read_json_config, to_plain
-from .safetensors_io import read_safetensors
+from .safetensors_io import memmap_safetensors, read_safetensors
 from .state_dict import (
                          check_state_dict,
                          check_weight_norm_pairs,
@@ -32,11 +40,13 @@ __all__ = [
     "check_weight_norm_pairs",
     "fuse_weight_norm",
     "load_hf_weights",
+    "memmap_safetensors",
     "normalize_weight_norm_names",
     "plain_config",
     "read_json_config",
     "read_safetensors",
     "read_torch_file",
+    "release_freed_memory",
     "short_repr",
     "to_plain",
 ]

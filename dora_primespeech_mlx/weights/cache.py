@@ -274,23 +274,29 @@ def load_cached(kind: str, source: Path, load: Callable[[Path], Any], save: Call
     return model
 
 
-def load_hf_weights_cached(folder: Path) -> dict:
+def load_hf_weights_cached(folder: Path, *, mapped: bool = False) -> dict:
     """An HF folder's state dict, read once from `pytorch_model.bin` (torch pickle) and then from a
     safetensors copy of the same tensors in the cache. Folders that already hold `model.safetensors`
-    are read directly."""
+    are read directly.
+
+    `mapped`: the tensors of the safetensors file (the folder's own or the cache's copy) come as
+    memory-mapped views (`memmap_safetensors`): nothing is read until a tensor is used, so a loader
+    that converts tensor by tensor never holds the whole file, and processes that map the same file
+    share its pages. The first load of a `pytorch_model.bin` reads it whole once, as ever."""
     from safetensors.numpy import save_file
 
-    from .safetensors_io import read_safetensors
+    from .safetensors_io import memmap_safetensors, read_safetensors
     from .state_dict import load_hf_weights, normalize_weight_norm_names
 
+    read = memmap_safetensors if mapped else read_safetensors
     folder = Path(folder)
     source = folder / "pytorch_model.bin"
     if (folder / "model.safetensors").exists() or not source.is_file():
-        return load_hf_weights(folder)
+        return load_hf_weights(folder, mapped=mapped)
 
     def load(path: Path) -> dict:
         if path.suffix == ".safetensors":
-            return normalize_weight_norm_names(read_safetensors(path))
+            return normalize_weight_norm_names(read(path))
         return load_hf_weights(folder)
 
     def save(weights: dict, path: Path) -> None:

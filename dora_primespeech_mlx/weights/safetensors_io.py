@@ -30,6 +30,20 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     The header is validated before any tensor is read: known dtypes, shapes of non-negative
     integers, byte ranges inside the data area that match the shapes and do not overlap.
     """
+    return _read(path, mmap=False)
+
+
+def memmap_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    """The tensors of a `.safetensors` file as read-only views of one memory map: nothing is read
+    until a tensor's pages are touched, and processes that map the same file share its pages.
+
+    The header is validated as in `read_safetensors`; bfloat16 tensors (which numpy cannot view)
+    are read and widened to float32 at once. The map stays open while any view is alive.
+    """
+    return _read(path, mmap=True)
+
+
+def _read(path: str | Path, *, mmap: bool) -> dict[str, np.ndarray]:
     path = Path(path)
     try:
         fh = open(path, "rb")  # noqa: SIM115 - closed by the with-block below
@@ -85,8 +99,12 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
             if b0 < a1:
                 raise bad(f"tensors {a_key[:80]!r} and {b_key[:80]!r} overlap")
         out: dict[str, np.ndarray] = {}
+        mapped = np.memmap(fh, dtype=np.uint8, mode="r") if mmap and data_len else None
         for begin, end, key, dtype, shape in plan:  # header order
             np_dtype = np.dtype(_SAFETENSORS_DTYPES[dtype])
+            if mapped is not None and dtype != "BF16":  # a view: no read, no memory charged
+                out[key] = mapped[data_start + begin:data_start + end].view(np_dtype).reshape(shape)
+                continue
             budget.charge((end - begin) * (2 if dtype == "BF16" else 1) + _COST_OBJ, f"tensor {key[:80]!r}")
             arr = np.empty(shape, dtype=np_dtype)
             fh.seek(data_start + begin)

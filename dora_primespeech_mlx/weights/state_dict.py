@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from .common import CheckpointError, short_repr
-from .safetensors_io import read_safetensors
+from .safetensors_io import memmap_safetensors, read_safetensors
 from .torch_file import read_torch_file
 
 # ------------------------------------------------------------------------------------- HF folders
@@ -34,11 +34,12 @@ def check_state_dict(source: str | Path, weights: Any, *, what: str = "weights")
     return out
 
 
-def load_hf_weights(folder: str | Path) -> dict[str, np.ndarray]:
+def load_hf_weights(folder: str | Path, *, mapped: bool = False) -> dict[str, np.ndarray]:
     """State dict of a Hugging Face model folder: `model.safetensors` if present, else `pytorch_model.bin`.
 
     Weight-norm tensors are returned under the legacy `weight_g`/`weight_v` names whichever
-    naming the file used.
+    naming the file used. `mapped`: a `model.safetensors` comes as memory-mapped views
+    (`memmap_safetensors`), read only where a tensor is used.
     """
     folder = Path(folder)
     st = folder / "model.safetensors"
@@ -46,7 +47,7 @@ def load_hf_weights(folder: str | Path) -> dict[str, np.ndarray]:
     if st.exists():
         if not st.is_file():
             raise CheckpointError(f"{st}: is not a file")
-        weights = read_safetensors(st)
+        weights = memmap_safetensors(st) if mapped else read_safetensors(st)
         source = st
     elif bin_.exists():
         if not bin_.is_file():

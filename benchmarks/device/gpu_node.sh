@@ -40,6 +40,11 @@ while [ $# -gt 0 ]; do
     ktest) # the fused-kernel and batched-decode tests on the GPU, from the working tree
       (cd "$ROOT" && PYTHONPATH="$ROOT:$SITE" python3 -m pytest -q -p no:cacheprovider tests/test_attention_kernel.py \
         tests/test_t2s_batch.py > "$OUT/ktest.log" 2>&1; tail -5 "$OUT/ktest.log") ;;
+    sched) # concurrent requests sharing decode steps (engine_scheduler): its tests, then the benchmark on the smoke voice
+      (cd "$ROOT" && PYTHONPATH="$ROOT:$SITE" python3 -m pytest -q -p no:cacheprovider tests/test_engine_scheduler.py \
+        > "$OUT/sched_test.log" 2>&1; tail -5 "$OUT/sched_test.log")
+      (cd "$ROOT" && PYTHONPATH="$ROOT:$SITE" python3 benchmarks/bench_scheduler.py --model-dir "$MODELS" --requests 8 \
+        --tokens 100 --rounds 3 --json "$OUT/bench_scheduler.json" 2>&1 | grep -v ' INFO ' | tail -8) ;;
     decode) # decode, batch: medians over processes (benchmarks/bench_decode.py), from the working tree
       (cd "$ROOT" && PYTHONPATH="$ROOT:$SITE" python3 benchmarks/bench_decode.py --model-dir "$MODELS" --processes "$1" \
         --parts decode batch --inputs "$OUT/t2s_inputs.npz" --precisions fp32 fp16 --json "$OUT/bench_decode.json" \

@@ -53,13 +53,17 @@ def engine(tiny_dir):
 
 @pytest.fixture(scope="module")
 def voices(engine, tiny_dir):
-    """Doubao, and "Other": Doubao's SoVITS and clip with a GPT of other random weights (its own decoder)."""
+    """Doubao, and "Other": Doubao's SoVITS and clip with a GPT of other random weights (its own decoder)
+    whose EOS row is 30x larger, so that its sentences stop on EOS at input-dependent steps (10-30 tokens)
+    while Doubao's run to their caps."""
     doubao = engine.registry.get("Doubao")
     gpt = tiny_models.tiny_gpt_config()
+    weights = smoke.materialize(smoke.gpt_params(gpt), np.random.default_rng(99))
+    head = weights["model.ar_predict_layer.weight"] = weights["model.ar_predict_layer.weight"].copy()
+    head[gpt["model"]["EOS"]] *= 30
     path = tiny_dir / "moyoyo" / "GPT_weights" / "other-tiny.ckpt"
-    write_torch_file(path, collections.OrderedDict(
-        weight=smoke.materialize(smoke.gpt_params(gpt), np.random.default_rng(99)), config=gpt, info="GPT-other"),
-        archive_name=smoke.ARCHIVE_STEM)
+    write_torch_file(path, collections.OrderedDict(weight=weights, config=gpt, info="GPT-other"),
+                     archive_name=smoke.ARCHIVE_STEM)
     return {"Doubao": doubao, "Other": replace(doubao, id="Other", gpt_weights=path, speed_factor=1.0)}
 
 
@@ -105,9 +109,13 @@ def request(rec: Recorder, text, voice, options, streaming, **kw) -> ScheduledRe
                             **{**WINDOWS, **kw})
 
 
+WAITED: set[str] = set()  # requests that held a finished sentence back for an earlier one (set by `run`)
+
+
 def run(scheduler: Scheduler, late: dict[int, list[ScheduledRequest]] | None = None, on_step=None) -> list[dict]:
     """Step until idle, submitting `late[n]` before step n; returns per step {decoder: request names}."""
     seen, n = [], 0
+    WAITED.clear()
     while scheduler.busy or (late and any(k >= n for k in late)):
         for req in (late or {}).get(n, []):
             scheduler.submit(req)
@@ -116,6 +124,7 @@ def run(scheduler: Scheduler, late: dict[int, list[ScheduledRequest]] | None = N
         scheduler.step()
         seen.append({key: sorted(name_of(r.req.spec) for r in lane.rows.values())
                      for key, lane in scheduler._lanes.items() if lane.rows})
+        WAITED.update(name_of(req.spec) for req in scheduler._active if req.ready)
         n += 1
     return seen
 
@@ -138,7 +147,7 @@ def assert_same(rec: Recorder, reference) -> None:
 
 def test_concurrent_requests_share_steps_and_each_gets_its_own_audio(engine, voices):
     Recorder.log = []
-    recs = {name: Recorder(name) for name in "ABCDE"}
+    recs = {name: Recorder(name) for name in ("A", "B", "C", "D", "D2", "E")}
     reqs = {
         "A": request(recs["A"], "第一个请求的第一句。然后是第二句话。", voices["Doubao"],
                      SynthesisOptions(seed=3, max_new_tokens=20), True),
@@ -146,23 +155,30 @@ def test_concurrent_requests_share_steps_and_each_gets_its_own_audio(engine, voi
                      SynthesisOptions(seed=11, top_k=3, temperature=0.9, max_new_tokens=15, text_lang="auto",
                                       fragment_interval=0.05), False),
         "C": request(recs["C"], "另一个模型的句子。", voices["Other"],
-                     SynthesisOptions(seed=5, max_new_tokens=25, speed=1.0, noise_scale=0.3), True,
+                     SynthesisOptions(seed=5, max_new_tokens=40, speed=1.0, noise_scale=0.3), True,
                      first_chunk_tokens=5, chunk_tokens=4),
-        "D": request(recs["D"], "Two sentences here. And another one.", voices["Other"],
-                     SynthesisOptions(seed=8, top_p=0.8, repetition_penalty=1.2, max_new_tokens=12, text_lang="en"),
-                     False),
+        "D": request(recs["D"], "整段合成。三句话一起解码。Third one is English.", voices["Other"],
+                     SynthesisOptions(seed=8, max_new_tokens=40, text_lang="auto", fragment_interval=0.0), False),
+        "D2": request(recs["D2"], "Two sentences here. And another one.", voices["Doubao"],
+                      SynthesisOptions(seed=8, top_p=0.8, repetition_penalty=1.2, max_new_tokens=12, text_lang="en"),
+                      False),
         "E": request(recs["E"], "后来加入的请求。", "Doubao",
                      SynthesisOptions(seed=21, top_k=1, max_new_tokens=18), True),
     }
     want = {name: alone(engine, req) for name, req in reqs.items()}
-    scheduler = Scheduler(engine, max_rows=3)  # B's three sentences and A's one do not fit at once
-    for name in "ABCD":
+    # the premises: C stops on EOS; D's last sentence stops before its second (it waits to leave in order)
+    assert len(want["C"][1]) < 40
+    d_tokens = [int(c.timings["tokens"]) for c in want["D"][0]]
+    assert len(d_tokens) == 3 and d_tokens[2] < d_tokens[1] < 40
+    scheduler = Scheduler(engine, max_rows=4)  # Doubao: A, B's three sentences and D2's two do not fit at once
+    for name in ("A", "B", "C", "D", "D2"):
         scheduler.submit(reqs[name])
     seen = run(scheduler, late={6: [reqs["E"]]})  # E joins mid-decode
     for name, rec in recs.items():
         assert_same(rec, want[name])
     assert scheduler.in_flight == 0 and scheduler.rows == 0
-    assert all(len(names) <= 3 for step in seen for names in step.values())  # rows capped per decoder
+    assert all(len(names) <= 4 for step in seen for names in step.values())  # rows capped per decoder
+    assert any(len(names) == 4 for step in seen for names in step.values())
     # requests shared steps: two decoders in one step, and rows of different requests in one decoder
     assert any(len(step) == 2 for step in seen)
     assert any(len(names) >= 2 for step in seen for names in step.values())
@@ -170,6 +186,7 @@ def test_concurrent_requests_share_steps_and_each_gets_its_own_audio(engine, voi
     # streaming: one sentence of a request at a time; whole text: sentences decode together
     assert all(names.count("A") <= 1 and names.count("C") <= 1 for step in seen for names in step.values())
     assert max(c.timings["batch_rows"] for c in recs["B"].chunks) >= 2
+    assert "D" in WAITED  # its third sentence finished first and left after the second
     # the chunks of different requests interleave (nobody waits for a whole request ahead of it)
     first_e = Recorder.log.index(("E", "chunk"))
     assert first_e < Recorder.log.index(("A", "done")) or first_e < Recorder.log.index(("B", "done"))

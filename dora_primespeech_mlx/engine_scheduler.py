@@ -13,10 +13,10 @@ decode in separate decoders, stepped in turn), so concurrent requests share each
 1. admits the requests submitted since the last step (voice prompt, models, the first sentence's
    frontend and BERT); a request that fails here (unknown voice, nothing to speak) is answered at once;
 2. drops the rows of cancelled requests (`is_cancelled()`), answering them with `SynthesisCancelled`;
-3. fills free rows, round-robin over the requests in arrival order, at most `max_rows` per decoder
-   (default `engine.batch_rows`; the others wait). A streaming request has one sentence decoding at a
-   time, so its SoVITS windows come out in order; a whole-text request may decode all its sentences
-   together (like `batch_synthesis`), each sentence's audio leaving in sentence order;
+3. fills free rows, each to the request with the fewest rows (the earliest among equals), at most
+   `max_rows` per decoder (default `engine.batch_rows`; the others wait). A streaming request has one
+   sentence decoding at a time, so its SoVITS windows come out in order; a whole-text request may decode
+   all its sentences together (like `batch_synthesis`), each sentence's audio leaving in sentence order;
 4. steps each decoder once (one host sync for all its rows) and hands every token to its request:
    `on_token`, a `SoVITSStreamDecoder` per streaming row (a chunk per window), and at a sentence's end
    the whole-sentence decode or the stream's tail, with the sentence's silence.
@@ -264,22 +264,25 @@ class Scheduler:
         return req.sentence(req.next_row) is not None
 
     def _fill(self) -> None:
-        """Free rows to waiting sentences, one per request per round, in arrival order."""
-        progress = True
-        while progress:
-            progress = False
+        """Free rows to waiting sentences, one at a time, each to the request with the fewest rows (the
+        earliest among equals): a newcomer gets the next free row before a long text takes another."""
+        while True:
+            waiting = []
             for req in list(self._active):
-                lane = self._lane(req.t2s)
-                if len(lane.rows) >= self.max_rows:
+                if req.finished or len(self._lane(req.t2s).rows) >= self.max_rows:
                     continue
                 try:
-                    if not self._wants_row(req):
-                        continue
-                    self._add_row(req, lane)
-                except Exception as exc:  # noqa: BLE001 - answered to that request only
+                    if self._wants_row(req):
+                        waiting.append(req)
+                except Exception as exc:  # noqa: BLE001 - its frontend: answered to that request only
                     self._fail(req, exc)
-                    continue
-                progress = True
+            if not waiting:
+                return
+            req = min(waiting, key=lambda r: len(r.rows))
+            try:
+                self._add_row(req, self._lane(req.t2s))
+            except Exception as exc:  # noqa: BLE001 - answered to that request only
+                self._fail(req, exc)
 
     def _add_row(self, req: _Active, lane: _Lane) -> None:
         i = req.next_row

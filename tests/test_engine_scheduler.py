@@ -193,6 +193,32 @@ def test_concurrent_requests_share_steps_and_each_gets_its_own_audio(engine, voi
     assert recs["A"].chunks[0].timings["frontend_s"] > 0 and "queued_s" in recs["E"].chunks[0].timings
 
 
+def test_a_newcomer_gets_the_next_free_row_before_a_long_text_takes_it(engine, voices):
+    long_rec, new_rec = Recorder("long"), Recorder("new")
+    text = "".join(f"第{i}句话。" for i in range(1, 7))  # six sentences stopping on EOS at different steps
+    long_req = request(long_rec, text, voices["Other"], SynthesisOptions(seed=2, max_new_tokens=40), False)
+    new_req = request(new_rec, "新来的请求。", voices["Other"], SynthesisOptions(seed=3, max_new_tokens=40), True)
+    want = {"long": alone(engine, long_req), "new": alone(engine, new_req)}
+    lengths = [int(c.timings["tokens"]) for c in want["long"][0]]
+    assert len(lengths) == 6 and lengths[0] != lengths[1]  # the premise: its first two rows free one at a time
+    scheduler = Scheduler(engine, max_rows=2)
+    scheduler.submit(long_req)
+    started, joined, n = [], None, 0  # sentences of the long text started after each step
+    while scheduler.busy:
+        if n == 3:
+            scheduler.submit(new_req)
+        scheduler.step()
+        started.append(next((r.next_row for r in scheduler._active if r.spec is long_req), None))
+        if joined is None and (new_rec.tokens or new_rec.events):
+            joined = n
+        n += 1
+    # the first row that frees after the newcomer arrived is its own: the long text started no third
+    # sentence before it (with arrival order alone, the long text would take every row it frees)
+    assert joined is not None and joined > 3 and set(started[:joined]) == {2}
+    assert_same(long_rec, want["long"])
+    assert_same(new_rec, want["new"])
+
+
 def test_cancelling_one_request_keeps_the_others(engine, voices):
     recs = {name: Recorder(name) for name in "ABCS"}
     flag = {"B": False, "S": False}

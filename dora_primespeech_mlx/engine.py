@@ -380,6 +380,12 @@ class Engine:
                 -(-(positions + 1) // COMPILE_BLOCK) * COMPILE_BLOCK,  # every block such a sentence reaches
                 top_k=options.top_k, top_p=options.top_p, temperature=options.temperature,
                 repetition_penalty=options.repetition_penalty)
+            if self.batch_rows > 1:  # whole texts and a server's requests decode as rows (batch_synthesis)
+                from .models.t2s_batch import BatchDecoder, RowSampling
+
+                spent["t2s_s"] += BatchDecoder(t2s).warm_up_compiled(
+                    self.batch_rows, -(-(positions + 1) // COMPILE_BLOCK) * COMPILE_BLOCK,
+                    RowSampling(options.top_k, options.top_p, options.temperature, options.repetition_penalty))
         if sovits.bucket_frames:
             from .models.sovits_stream import max_window_frames
 

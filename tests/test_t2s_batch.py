@@ -145,3 +145,30 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="phone_ids"):
         model.generate_batch([(np.array([], np.int64), np.zeros((16, 0), np.float32), np.array([1]))])
     assert model.generate_batch([]) == []
+
+
+def test_warm_up_traces_every_row_count_and_block_so_decoding_never_traces(monkeypatch):
+    import dora_primespeech_mlx.models.t2s_batch as batch_module
+
+    monkeypatch.setattr(batch_module, "COMPILE_BLOCK", 16)
+    traces = []
+    original = batch_module._ScatterKVCache.__init__
+
+    def counting_init(self, *args, **kwargs):  # built only while the compiled step is traced
+        traces.append(args[0].shape)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(batch_module._ScatterKVCache, "__init__", counting_init)
+    model = random_model(seed=8)
+    model.compile_decode = True
+    sampling = batch_module.RowSampling(top_k=5)
+    spent = BatchDecoder(model).warm_up_compiled(3, 48, sampling)
+    assert spent > 0 and len({(s[0], s[2]) for s in traces}) == 3 * 3  # rows 1..3 x capacities 16, 32, 48
+    traced = len(traces)
+    decoder = BatchDecoder(model)  # a new decoder (a new request) reuses the model's traces
+    for row, cap in zip(rows(((5, 4), (11, 0), (3, 9))), (30, 12, 20)):
+        decoder.add(*row, top_k=5, seed=1, max_new_tokens=cap)
+    while decoder.active:
+        decoder.step()
+    assert len(traces) == traced  # rows left (3 -> 2 -> 1) and blocks grew without a trace
+    assert BatchDecoder(model, compile=False).warm_up_compiled(3, 48, sampling) == 0.0

@@ -265,6 +265,7 @@ class T2SGraph(nn.Module):
         # setting): whatever changes the graph in place empties it; outside the module dict, so
         # never a parameter
         object.__setattr__(self, "_compiled_steps", OrderedDict())
+        object.__setattr__(self, "_batch_steps", OrderedDict())  # t2s_batch's, per row-settings tuple
 
     def _check_inputs(
         self, phone_ids: np.ndarray, bert: np.ndarray, prompt_tokens: np.ndarray | None

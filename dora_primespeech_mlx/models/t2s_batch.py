@@ -19,6 +19,7 @@ read (one host sync per step for all rows); a row that stopped at step n costs o
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -29,7 +30,10 @@ from ..constants import MAX_DECODE_STEPS
 from .cache import COMPILE_BLOCK, make_cache
 from .sample_utils import MIN_STEPS_BEFORE_EOS, apply_repetition_penalty, logits_to_probs, mask_token, seen_mask
 
-__all__ = ["BatchDecoder", "RowSampling", "BatchStep"]
+__all__ = ["BatchDecoder", "RowSampling", "BatchStep", "MAX_BATCH_STEPS"]
+
+# compiled batched steps kept per model (one per row-settings tuple), least recently used dropped
+MAX_BATCH_STEPS = 16
 
 
 @dataclass(frozen=True)
@@ -260,9 +264,14 @@ class BatchDecoder:
         return keys, values, token, packed, seen, list(rng)
 
     def _step_fn(self, settings: tuple[RowSampling, ...]):
-        """The pure batched step, per row-settings tuple (compiled when `self.compiled`)."""
-        if settings in self._fns:
-            return self._fns[settings]
+        """The pure batched step, per row-settings tuple (compiled when `self.compiled`). Compiled steps
+        live on the model (`_batch_steps`, least recently used dropped), so every decoder of a model
+        reuses their traces: a request's new decoder must not re-trace."""
+        fns = self.model._batch_steps if self.compiled else self._fns
+        if settings in fns:
+            if self.compiled:
+                fns.move_to_end(settings)
+            return fns[settings]
         model = self.model
         cfg = model.config
         vocab = mx.arange(cfg.vocab_size)
@@ -281,7 +290,26 @@ class BatchDecoder:
             return token, packed, seen, rng, [c.keys for c in caches], [c.values for c in caches]
 
         fn = mx.compile(step, inputs=model) if self.compiled else step
-        if len(self._fns) >= 8:
-            self._fns.pop(next(iter(self._fns)))
-        self._fns[settings] = fn
+        while len(fns) >= MAX_BATCH_STEPS:
+            fns.pop(next(iter(fns)))
+        fns[settings] = fn
         return fn
+
+    def warm_up_compiled(self, max_rows: int, max_positions: int, sampling: RowSampling) -> float:
+        """Trace the compiled batched step for 1..`max_rows` rows with `sampling` at every K/V capacity
+        block up to `max_positions`, so rows joining and leaving mid-request never stop to trace.
+        Returns the seconds spent (0 when the decoder is eager)."""
+        if not self.compiled:
+            return 0.0
+        t0 = time.perf_counter()
+        cfg = self.model.config
+        for rows in range(1, max_rows + 1):  # rows leave one by one: every count is reached
+            fn = self._step_fn((sampling,) * rows)
+            for capacity in range(COMPILE_BLOCK, max(max_positions, COMPILE_BLOCK) + 1, COMPILE_BLOCK):
+                kv = [mx.zeros((rows, cfg.head, capacity, cfg.head_dim), dtype=self.model.compute_dtype)
+                      for _ in range(cfg.n_layer)]
+                out = fn(mx.zeros((rows,), mx.int32), mx.zeros((rows,), mx.int32), mx.zeros((rows,), mx.int32),
+                         mx.zeros((rows, cfg.vocab_size), mx.bool_), [mx.random.key(i) for i in range(rows)],
+                         mx.zeros((rows,), mx.bool_), kv, list(kv))
+                mx.eval(out)
+        return time.perf_counter() - t0

@@ -54,4 +54,5 @@ def apply_precision(model: G, precision: str) -> G:
     model.precision = precision
     mx.eval(model.parameters())
     model._compiled_steps.clear()  # traced at the old dtypes
+    model._batch_steps.clear()
     return model

@@ -52,6 +52,16 @@ while [ $# -gt 0 ]; do
     engine) # first audio, 10-character whole, batched whole text (benchmarks/bench_decode.py --parts engine)
       (cd "$ROOT" && PYTHONPATH="$ROOT:$SITE" python3 benchmarks/bench_decode.py --model-dir "$MODELS" --processes "$1" \
         --parts engine --json "$OUT/bench_engine.json" 2>&1 | tail -20); shift ;;
+    serverload) # gpt-sovits-mlx serve on the smoke voice (a GPU: requests share steps), 8 and 1 clients, then stop
+      (cd /tmp && PRIMESPEECH_MODEL_DIR="$MODELS" MAX_NEW_TOKENS=50 GPT_SOVITS_VOICES_DIR=/tmp/user-voices \
+        PYTHONPATH="$SITE" python3 -m dora_primespeech_mlx.cli serve --port 18765 > "$OUT/serve.log" 2>&1 &
+        get() { python3 -c "import sys,urllib.request as u; print(u.urlopen(sys.argv[1], timeout=5).read().decode())" "$1" 2>/dev/null; }
+        for _ in $(seq 300); do get http://127.0.0.1:18765/health > /dev/null && break; sleep 0.5; done
+        get http://127.0.0.1:18765/health
+        for c in 8 1; do PYTHONPATH="$SITE" python3 "$ROOT/benchmarks/server_load.py" --url http://127.0.0.1:18765 \
+          --clients $c --requests 3 --json "$OUT/server_load_${c}x3.json" 2>&1 | tail -4; done
+        get http://127.0.0.1:18765/metrics | grep -E '^[a-z_]+(_total|_count|_sum)' | head -12
+        pkill -f "dora_primespeech_mlx.cli serve" || true) ;;
     check)
       export PATH="$SITE/bin:$PATH" PYTHONPATH="$SITE"
       (cd /tmp && python3 "$ROOT/benchmarks/device/node_check.py" --model-dir "$MODELS" --out /tmp/node_check \

@@ -35,40 +35,20 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from dora_primespeech_mlx.bench_report import decode_inputs, time_decode  # noqa: E402
+
 TEXT_60 = "欢迎使用GPT-SoVITS语音合成，这个demo运行在Apple的MLX框架上。它支持中文和English混合的句子。"
 TEXT_10 = "今天天气很好我们走吧。"
 TOKENS_10 = 63
-
-
-def default_inputs(seed: int = 0):
-    """bench_t2s's draw: 60 target phones after a 20-phone prompt text, 150 prompt codes."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    n_text, n_prompt = 80, 150
-    return (rng.integers(0, 732, n_text), rng.standard_normal((1024, n_text)).astype(np.float32),
-            rng.integers(0, 1024, n_prompt))
 
 
 def load_inputs(path: str | None):
     import numpy as np
 
     if not path:
-        return default_inputs()
+        return decode_inputs()
     with np.load(path) as f:
         return f["phone_ids"], f["bert"].astype(np.float32), f["prompt_tokens"]
-
-
-def time_decode(model, inputs, tokens: int, *, compile: bool) -> dict:
-    t0 = time.perf_counter()
-    first = None
-    count = 0
-    for _ in model.decode_steps(*inputs, top_k=5, max_new_tokens=tokens, seed=0, compile=compile):
-        count += 1
-        if first is None:
-            first = time.perf_counter()
-    end = time.perf_counter()
-    return {"tokens": count, "prefill_ms": 1000 * (first - t0), "ms_per_token": 1000 * (end - first) / max(1, count - 1)}
 
 
 def child_decode(args, model_path) -> dict:
@@ -90,9 +70,9 @@ def child_decode(args, model_path) -> dict:
                 continue
             model.fused_attention = fused
             t0 = time.perf_counter()
-            time_decode(model, inputs, args.tokens, compile=compiled)  # warm-up: traces every block
+            time_decode(model, inputs, args.tokens, compiled)  # warm-up: traces every block
             first_call_s = time.perf_counter() - t0
-            runs = [time_decode(model, inputs, args.tokens, compile=compiled) for _ in range(args.repeats)]
+            runs = [time_decode(model, inputs, args.tokens, compiled) for _ in range(args.repeats)]
             out[f"{precision}/{name}"] = {
                 "ms_per_token": statistics.median(r["ms_per_token"] for r in runs),
                 "prefill_ms": statistics.median(r["prefill_ms"] for r in runs), "tokens": runs[0]["tokens"],

@@ -21,7 +21,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
-__all__ = ["machine_report", "decode_report", "bench_report"]
+__all__ = ["bench_report", "decode_inputs", "decode_report", "machine_report", "time_decode"]
 
 
 def _chip() -> str:
@@ -60,36 +60,41 @@ def machine_report() -> dict:
     return info
 
 
-def _decode_inputs(seed: int = 0):
+def decode_inputs(seed: int = 0):
+    """bench_t2s's draw: 60 phones (a prompt transcript plus a sentence) and 150 prompt codes (~6 s of
+    reference); the upstream CUDA-graph driver (tools/oracle) draws the same."""
     rng = np.random.default_rng(seed)
-    n_text, n_prompt = 80, 150  # a prompt transcript plus a sentence; ~6 s of reference codes
+    n_text, n_prompt = 60, 150
     return (rng.integers(0, 732, n_text), rng.standard_normal((1024, n_text)).astype(np.float32),
             rng.integers(0, 1024, n_prompt))
 
 
-def _ms_per_token(model, inputs, tokens: int, compiled: bool) -> float:
-    first = end = None
+def time_decode(model, inputs, tokens: int, compiled: bool) -> dict:
+    """One decode of `tokens` tokens (top-k 5, seed 0): prefill ms (to the first token) and steady ms/token."""
+    t0 = time.perf_counter()
+    first = None
     count = 0
     for _ in model.decode_steps(*inputs, top_k=5, max_new_tokens=tokens, seed=0, compile=compiled):
         count += 1
         if first is None:
             first = time.perf_counter()
     end = time.perf_counter()
-    return 1000 * (end - first) / max(1, count - 1)
+    return {"tokens": count, "prefill_ms": 1000 * (first - t0),
+            "ms_per_token": 1000 * (end - first) / max(1, count - 1)}
 
 
 def decode_report(gpt_path, *, tokens: int = 150, runs: int = 3, precisions=("fp32", "fp16")) -> dict:
     """Decode ms/token per precision and mode, and batched tokens/s for 1 and 8 rows (fp32)."""
     from .models.t2s_io import load_t2s
 
-    inputs = _decode_inputs()
+    inputs = decode_inputs()
     out: dict = {}
     for precision in precisions:
         model = load_t2s(gpt_path, precision=precision)
         for mode, compiled in (("eager", False), ("compiled", True)):
-            _ms_per_token(model, inputs, tokens, compiled)  # untimed: traces the compiled step
-            out[f"decode_ms_per_token_{precision}_{mode}"] = round(
-                statistics.median(_ms_per_token(model, inputs, tokens, compiled) for _ in range(runs)), 3)
+            time_decode(model, inputs, tokens, compiled)  # untimed: traces the compiled step
+            out[f"decode_ms_per_token_{precision}_{mode}"] = round(statistics.median(
+                time_decode(model, inputs, tokens, compiled)["ms_per_token"] for _ in range(runs)), 3)
         if precision == "fp32":
             for rows in (1, 8):
                 batch = [inputs] * rows

@@ -44,7 +44,7 @@ def chain_cost(n: int, kind: str, repeats: int = 20) -> float:
 
 
 def main(argv=None) -> int:
-    from bench_decode import default_inputs
+    from dora_primespeech_mlx.bench_report import decode_inputs
 
     from dora_primespeech_mlx.models.t2s_io import load_t2s
     from dora_primespeech_mlx.voices import VoiceRegistry
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     model = load_t2s(VoiceRegistry(args.model_dir).get("Doubao").gpt_weights, compile=True)
-    inputs = default_inputs()
+    inputs = decode_inputs()
     list(model.decode_steps(*inputs, top_k=5, max_new_tokens=args.tokens, seed=0))  # traces
     host = []
     original = model._static_step

@@ -347,6 +347,7 @@ class Engine:
                 self._prompts.popitem(last=False)
         from .weights import release_freed_memory
 
+        mx.clear_cache()  # MLX's freed buffers (HuBERT's, the prompt's) first, so the trim returns them too
         release_freed_memory()  # what loading the models freed (their numpy sources) goes back to the OS
         return prompt
 

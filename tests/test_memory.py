@@ -211,3 +211,18 @@ def test_bert_streamed_on_a_small_model_and_its_checks(fixtures, tmp_path):
     from_bf16 = load_bert(d, streamed=True)
     assert from_bf16._streamed is None  # no view of bfloat16: held in memory instead
     np.testing.assert_array_equal(from_bf16.phone_features("你好", [2, 2]), load_bert(d).phone_features("你好", [2, 2]))
+
+
+def test_low_memory_preset_gives_the_same_audio(fixtures):
+    """MEMORY_PRESET=low at fp32 changes where RoBERTa's weights live, not one sample of the audio."""
+    from dora_primespeech_mlx.options import SynthesisOptions
+
+    options = SynthesisOptions(max_new_tokens=6, seed=3)
+    text = "你好，欢迎。"
+    want = Engine(fixtures.model_dir, memory_preset="default").synthesize(text, "Doubao", options).audio
+    gc.collect()
+    mx.clear_cache()
+    low = Engine(fixtures.model_dir, memory_preset="low")
+    got = low.synthesize(text, "Doubao", options).audio
+    assert low.bert()._streamed is not None and want.size > 0
+    np.testing.assert_array_equal(got, want)

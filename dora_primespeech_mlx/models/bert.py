@@ -27,7 +27,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..weights import CheckpointError, check_float, check_int
+from ..weights import CheckpointError, check_float, check_int, release_freed_memory
 from ..weights.cache import load_hf_weights_cached
 from .base import ModelConfig, load_strict, read_hf_config
 
@@ -230,6 +230,9 @@ class BertEncoderModel(nn.Module):
             mx.eval(x)
             out.append(x)
         st.slot = BertLayer(self.config)  # the last layer's weights go too (a fresh layer's are lazy: no memory)
+        # the layers' copies go back to the OS now, not to MLX's buffer cache and the heap (~30 MB a call)
+        mx.clear_cache()
+        release_freed_memory()
         return out
 
     def hidden_states(self, input_ids: Sequence[int] | np.ndarray, n_layers: int | None = None) -> list[np.ndarray]:

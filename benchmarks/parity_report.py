@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     bert_model = load_bert(moyoyo / "chinese-roberta-wwm-ext-large")
     hs = bert_model.hidden_states(refs["bert_input_ids"][0])
     # hidden_states[-3] of the 24-layer model: the last state of the 22 layers load_bert holds
-    out["bert_hidden_m3_max_abs"] = float(np.abs(hs[bert_model.phone_feature_layer][1:-1] - refs["bert_hidden_m3"]).max())
+    m3 = hs[bert_model.phone_feature_layer]
+    out["bert_hidden_m3_max_abs"] = float(np.abs(m3[1:-1] - refs["bert_hidden_m3"]).max())
     out["seconds"] = time.perf_counter() - t0
     print(json.dumps(out, indent=1))
     write_report(out, args.json)

@@ -289,7 +289,8 @@ def test_error_cases_are_openai_style(server):
     reply = conn.getresponse()
     assert reply.status == 400 and json.loads(reply.read())["error"]["code"] == "invalid_json"
     conn.close()
-    for raw, code in ((b'{"input": "\\ud800\\u4f60"}', "invalid_value"), (b"[" * 60_000, "invalid_json")):
+    for raw, code in ((b'{"input": "\\ud800\\u4f60"}', "invalid_value"), (b"[" * 60_000, "invalid_json"),
+                      (b'{"input": 123}', "invalid_type"), (b'{"input": ["hi"]}', "invalid_type")):
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
         conn.request("POST", "/v1/audio/speech", body=raw, headers={"Content-Type": "application/json"})
         reply = conn.getresponse()

@@ -54,6 +54,9 @@ def parse_speech(body: Any, base: SynthesisOptions, *, max_chars: int = MAX_INPU
         raise ApiError(400, f"unknown field {unknown[0][:40]!r}: the fields are {', '.join(sorted(known))}",
                        unknown[0][:40], "unknown_field")
     text = body.get("input")
+    if text is not None and not isinstance(text, str):
+        raise ApiError(400, f"input must be a string (the text to speak), got {type(text).__name__}", "input",
+                       "invalid_type")
     if not isinstance(text, str) or not text.strip():
         raise ApiError(400, f"input is required: the text to speak, 1-{max_chars} characters", "input",
                        "empty_input")

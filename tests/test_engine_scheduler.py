@@ -6,7 +6,6 @@ it alone; cancelling or failing one request leaves the others untouched. Tiny ra
 from __future__ import annotations
 
 import collections
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +14,6 @@ import numpy as np
 import pytest
 
 from dora_primespeech_mlx import smoke
-from dora_primespeech_mlx.constants import CACHE_ENV
 from dora_primespeech_mlx.engine import Engine
 from dora_primespeech_mlx.engine_scheduler import ScheduledRequest, Scheduler
 from dora_primespeech_mlx.options import NothingToSpeak, SynthesisCancelled, SynthesisOptions
@@ -31,19 +29,8 @@ WINDOWS = {"first_chunk_tokens": 8, "chunk_tokens": 6}
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from dora_primespeech_mlx.text import chinese, g2pw
-
-    old = os.environ.get(CACHE_ENV)
-    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("scheduler-cache"))
-    resolver, status = chinese._polyphones, g2pw._status
-    try:
-        yield tiny_models.build_tiny_model_dir(tmp_path_factory.mktemp("scheduler-tiny") / "models")
-    finally:
-        chinese._polyphones, g2pw._status = resolver, status
-        if old is None:
-            os.environ.pop(CACHE_ENV, None)
-        else:
-            os.environ[CACHE_ENV] = old
+    with tiny_models.private_tiny_dir(tmp_path_factory, "scheduler") as models:
+        yield models
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import http.client
 import io
 import json
-import os
 import socket
 import struct
 import sys
@@ -26,7 +25,6 @@ import pytest
 import soundfile as sf
 import uvicorn
 
-from dora_primespeech_mlx.constants import CACHE_ENV
 from dora_primespeech_mlx.engine import Engine
 from dora_primespeech_mlx.node_config import NodeConfig
 from dora_primespeech_mlx.server import serve
@@ -136,19 +134,8 @@ def metric(url: str, line_start: str) -> float:
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """Tiny models, their conversions cached in a private folder; the G2PW state the engine sets is put back."""
-    from dora_primespeech_mlx.text import chinese, g2pw
-
-    old = os.environ.get(CACHE_ENV)
-    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("server-cache"))
-    resolver, status = chinese._polyphones, g2pw._status
-    try:
-        yield tiny_models.build_tiny_model_dir(tmp_path_factory.mktemp("server-tiny") / "models")
-    finally:
-        chinese._polyphones, g2pw._status = resolver, status
-        if old is None:
-            os.environ.pop(CACHE_ENV, None)
-        else:
-            os.environ[CACHE_ENV] = old
+    with tiny_models.private_tiny_dir(tmp_path_factory, "server") as models:
+        yield models
 
 
 def tiny_config(tiny_dir: Path) -> NodeConfig:
@@ -451,6 +438,7 @@ def test_api_key_loading_503_and_a_failure_mid_stream(tiny_dir, tmp_path):
             body = b"".join(response.iter_bytes())
         assert 0 < len(body) < MAX_NEW_TOKENS * SAMPLES_PER_TOKEN * 2 and len(body) % 2 == 0
         assert metric(running.url, 'gpt_sovits_synthesis_errors_total{stage="mid_stream"}') == 1
+        wait_idle(running, 30)  # the client has the whole body before the owner thread has let the job go
         # max_queue=1: while one request runs, the next is refused with 429 (not queued without bound)
         conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=60)
         conn.request("POST", "/v1/audio/speech", body=json.dumps({"input": LONG_TEXT, "response_format": "pcm"}),

@@ -11,6 +11,7 @@ hidden size and SoVITS's `ssl_dim` shrink together.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 from pathlib import Path
 
@@ -83,3 +84,23 @@ def build_tiny_model_dir(out: str | os.PathLike, seed: int = 0) -> Path:
     smoke.write_wav_pcm16(voice.reference_audio,
                           smoke.synthetic_reference(REFERENCE_SECONDS, 32000, np.random.default_rng(seeds[4])), 32000)
     return out
+
+
+@contextlib.contextmanager
+def private_tiny_dir(tmp_path_factory, name: str):
+    """A tiny model dir whose conversions go to a private cache (not the user's), for a module fixture;
+    afterwards the cache setting and the G2PW state that an `Engine` sets process-wide are put back."""
+    from dora_primespeech_mlx.constants import CACHE_ENV
+    from dora_primespeech_mlx.text import chinese, g2pw
+
+    old = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp(f"{name}-cache"))
+    resolver, status = chinese._polyphones, g2pw._status
+    try:
+        yield build_tiny_model_dir(tmp_path_factory.mktemp(f"{name}-tiny") / "models")
+    finally:
+        chinese._polyphones, g2pw._status = resolver, status
+        if old is None:
+            os.environ.pop(CACHE_ENV, None)
+        else:
+            os.environ[CACHE_ENV] = old

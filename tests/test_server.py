@@ -302,12 +302,18 @@ def wait_idle(server, timeout: float) -> float:
 LONG_TEXT = "".join(f"这是第{i}句话。" for i in range(1, 61))  # 60 sentences: about 30 s of work on this CPU
 
 
-def test_a_client_that_disconnects_cancels_its_synthesis(server):
-    cancelled = metric(server.url, "gpt_sovits_cancelled_total")
+def post_long_text(server, response_format: str) -> http.client.HTTPConnection:
+    """POST LONG_TEXT in Doubao's voice on a raw connection (so the test can drop it); returns the connection."""
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     conn.request("POST", "/v1/audio/speech", body=json.dumps({"input": LONG_TEXT, "voice": "Doubao",
-                                                              "response_format": "pcm"}),
+                                                              "response_format": response_format}),
                  headers={"Content-Type": "application/json"})
+    return conn
+
+
+def test_a_client_that_disconnects_cancels_its_synthesis(server):
+    cancelled = metric(server.url, "gpt_sovits_cancelled_total")
+    conn = post_long_text(server, "pcm")
     reply = conn.getresponse()
     assert reply.status == 200 and len(reply.read1(4096)) > 0  # the stream has started
     assert server.app.server.worker.queue_depth == 1
@@ -327,10 +333,7 @@ def test_a_client_that_disconnects_cancels_its_synthesis(server):
 
 def test_a_client_that_leaves_before_the_first_audio_cancels_too(server):
     """A whole-file format answers only at the end: the server watches for the disconnect meanwhile."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    conn.request("POST", "/v1/audio/speech", body=json.dumps({"input": LONG_TEXT, "voice": "Doubao",
-                                                              "response_format": "flac"}),
-                 headers={"Content-Type": "application/json"})
+    conn = post_long_text(server, "flac")
     deadline = time.monotonic() + 10
     while server.app.server.worker.queue_depth == 0:  # wait for the job to reach the queue
         assert time.monotonic() < deadline

@@ -5,9 +5,7 @@ its synthesis without disturbing the others. Tiny random-weight models, the offi
 
 from __future__ import annotations
 
-import http.client
 import io
-import json
 import os
 import socket
 import sys
@@ -26,12 +24,12 @@ from dora_primespeech_mlx.server.app import create_app
 sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 import tiny_models  # noqa: E402
 from test_server import (  # noqa: E402
-    LONG_TEXT,
     MAX_NEW_TOKENS,
     SAMPLES_PER_TOKEN,
     RunningServer,
     metric,
     parse_stream_wav,
+    post_long_text,
     tiny_config,
     wait_idle,
 )
@@ -133,10 +131,7 @@ def test_concurrent_requests_share_steps_and_sound_as_alone(server):
 def test_a_disconnect_cancels_only_its_request(server):
     worker = server.app.server.worker
     cancelled = metric(server.url, "gpt_sovits_cancelled_total")
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    conn.request("POST", "/v1/audio/speech", body=json.dumps({"input": LONG_TEXT, "voice": "Doubao",
-                                                              "response_format": "pcm"}),
-                 headers={"Content-Type": "application/json"})
+    conn = post_long_text(server, "pcm")
     reply = conn.getresponse()
     assert reply.status == 200 and len(reply.read1(4096)) > 0  # the long stream has started
     other: dict[str, object] = {}

@@ -48,6 +48,7 @@ from .options import (
 from .batch_synthesis import MAX_BATCH_ROWS, synthesize_batched
 from .text.frontend import request_sentences
 from .voices import Voice, VoiceRegistry
+from .weights import release_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -230,8 +231,6 @@ class Engine:
                                    dtype=mx.float32 if self.precision == "fp32" else mx.float16,
                                    streamed=self.memory_preset == "low")
             logger.info("RoBERTa loaded in %.2f s", time.perf_counter() - t0)
-            from .weights import release_freed_memory
-
             release_freed_memory()
         return self._bert
 
@@ -345,8 +344,6 @@ class Engine:
             self._prompts[key] = prompt
             while len(self._prompts) > MAX_PROMPTS:
                 self._prompts.popitem(last=False)
-        from .weights import release_freed_memory
-
         mx.clear_cache()  # MLX's freed buffers (HuBERT's, the prompt's) first, so the trim returns them too
         release_freed_memory()  # what loading the models freed (their numpy sources) goes back to the OS
         return prompt
@@ -377,15 +374,16 @@ class Engine:
             from .models.t2s_generate import COMPILE_BLOCK
 
             positions = prompt.prompt_phone_ids.size + prompt.prompt_codes.size + typical_phones + tokens
+            capacity = -(-(positions + 1) // COMPILE_BLOCK) * COMPILE_BLOCK  # every block such a sentence reaches
             spent["t2s_s"] = t2s.warm_up_compiled(
-                -(-(positions + 1) // COMPILE_BLOCK) * COMPILE_BLOCK,  # every block such a sentence reaches
+                capacity,
                 top_k=options.top_k, top_p=options.top_p, temperature=options.temperature,
                 repetition_penalty=options.repetition_penalty)
             if self.batch_rows > 1:  # whole texts and a server's requests decode as rows (batch_synthesis)
                 from .models.t2s_batch import BatchDecoder, RowSampling
 
                 spent["t2s_s"] += BatchDecoder(t2s).warm_up_compiled(
-                    self.batch_rows, -(-(positions + 1) // COMPILE_BLOCK) * COMPILE_BLOCK,
+                    self.batch_rows, capacity,
                     RowSampling(options.top_k, options.top_p, options.temperature, options.repetition_penalty))
         if sovits.bucket_frames:
             from .models.sovits_stream import max_window_frames
@@ -546,8 +544,6 @@ class Engine:
                                   upcoming is None, timings, t_start, notes)
         finally:
             mx.clear_cache()  # release buffers between requests
-            from .weights import release_freed_memory
-
             release_freed_memory()  # and the heap a request freed but glibc kept (~55 MB per node, ~2 ms)
 
     def _chunk(self, audio: np.ndarray, sentence: int, chunk: int, final: bool, timings: dict,

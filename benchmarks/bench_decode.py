@@ -54,6 +54,7 @@ def load_inputs(path: str | None):
 def child_decode(args, model_path) -> dict:
     import mlx.core as mx
 
+    from dora_primespeech_mlx.models.decode_kernels import ENV_SWITCH, fused_decode_available
     from dora_primespeech_mlx.models.t2s_io import load_t2s
 
     out = {}
@@ -62,13 +63,17 @@ def child_decode(args, model_path) -> dict:
     for precision in args.precisions:
         model = load_t2s(model_path, precision=precision)
         fused_ok = model.fused_attention
-        variants = [("eager", False, False), ("compiled", True, False)]
+        # (name, compiled, fused attention only, fused decode kernels): "compiled" is the default path
+        variants = [("eager", False, False, False), ("compiled", True, False, True)]
+        if fused_decode_available(model):
+            variants.append(("compiled/mlx-ops", True, False, False))
         if fused_ok:
-            variants.append(("compiled+fused", True, True))
-        for name, compiled, fused in variants:
+            variants.append(("compiled+fused-attention", True, True, False))
+        for name, compiled, fused, fused_decode in variants:
             if args.variants and name not in args.variants:
                 continue
             model.fused_attention = fused
+            os.environ[ENV_SWITCH] = "1" if fused_decode else "0"
             t0 = time.perf_counter()
             time_decode(model, inputs, args.tokens, compiled)  # warm-up: traces every block
             first_call_s = time.perf_counter() - t0
@@ -78,6 +83,7 @@ def child_decode(args, model_path) -> dict:
                 "prefill_ms": statistics.median(r["prefill_ms"] for r in runs), "tokens": runs[0]["tokens"],
                 "first_call_s": first_call_s}
         model.fused_attention = fused_ok
+        os.environ.pop(ENV_SWITCH, None)
         if precision == "fp32" and "batch" in args.parts:
             out.update(child_batch(args, model, inputs, gpu))
     return out

@@ -9,12 +9,21 @@
 #   .gpu/1  mlx-cuda-13 part 00, dora-rs-cli, small deps   -> `stage 1`
 #   .gpu/2  part 01, dora-rs, g2p_en, nltk                  -> `stage 2`
 #   .gpu/3  part 02, mlx, our wheel, the text frontend      -> `stage 3 install smoke rule check`
+#   .gpu/4  gpt-sovits-cpufast 0.1.0, einops (the oracle)   -> `parity` (after the three above)
+# `parity` runs the numerical parity tests (MLX against upstream PyTorch) from the working tree: the
+# host's python3 with its own torch and transformers is the oracle (DORA_PRIMESPEECH_MLX_ORACLE_PYTHON,
+# a wrapper that adds .gpu/4's wheels), which builds the fixtures on the CPU first (cached).
+# PARITY_TESTS="tests/x.py ..." runs other test files.
 # Results go to $OUT.
 set -euo pipefail
 STAGE=/tmp/wheelstage
 SITE=/tmp/site
 MODELS=/tmp/smoke-models
 MLX_CUDA_SHA256=94cb48fba73e5ee39467e51c35c51c691123359ca17bafd1a24cf92ad6732bee
+ORACLE_SITE=/tmp/oracle-site
+ORACLE_PYTHON=/tmp/oracle-python
+PARITY_DEFAULT="tests/test_t2s.py tests/test_sovits.py tests/test_sovits_stream.py tests/test_encoders.py tests/test_precision.py
+  tests/test_t2s_batch.py tests/test_attention_kernel.py"
 export PYTHONUNBUFFERED=1
 # fp32 as on Apple GPUs: MLX-CUDA uses TF32 matmuls by default
 export MLX_ENABLE_TF32="${MLX_ENABLE_TF32:-0}"
@@ -38,7 +47,7 @@ while [ $# -gt 0 ]; do
         --tokens 300 --repeats 5 --dtype fp32 fp16 --modes graph --tqdm off --save-inputs "$OUT/t2s_inputs.npz" \
         --json "$OUT/upstream_cudagraph.json" 2> "$OUT/upstream_stderr.txt" | tail -30) || tail -20 "$OUT/upstream_stderr.txt" ;;
     ktest) # the fused-kernel and batched-decode tests on the GPU, from the working tree
-      (cd "$ROOT" && PYTHONPATH="$ROOT:$SITE" python3 -m pytest -q -p no:cacheprovider tests/test_attention_kernel.py \
+      (cd "$ROOT" && PYTHONPATH="$ROOT:$SITE" python3 -m pytest -q -p no:cacheprovider tests/test_attention_kernel.py tests/test_decode_kernels.py \
         tests/test_t2s_batch.py > "$OUT/ktest.log" 2>&1; tail -5 "$OUT/ktest.log") ;;
     sched) # concurrent requests sharing decode steps (engine_scheduler): its tests, then the benchmark on the smoke voice
       (cd "$ROOT" && PYTHONPATH="$ROOT:$SITE" python3 -m pytest -q -p no:cacheprovider tests/test_engine_scheduler.py \
@@ -62,6 +71,25 @@ while [ $# -gt 0 ]; do
           --clients $c --requests 3 --json "$OUT/server_load_${c}x3.json" 2>&1 | tail -4; done
         get http://127.0.0.1:18765/metrics | grep -E '^[a-z_]+(_total|_count|_sum)' | head -12
         pkill -f "dora_primespeech_mlx.cli serve" || true) ;;
+    parity) # MLX against upstream PyTorch: oracle from the host's torch + .gpu/4, fixtures, then the tests
+      export DORA_PRIMESPEECH_MLX_ORACLE_PYTHON="$ORACLE_PYTHON"
+      export DORA_PRIMESPEECH_MLX_CACHE="${DORA_PRIMESPEECH_MLX_CACHE:-/tmp/dpm-cache}"
+      if [ ! -x "$ORACLE_PYTHON" ]; then
+        pin=$(sed -n 's/^ORACLE_WHEEL_SHA256 = "\([0-9a-f]*\)"$/\1/p' "$ROOT/tools/oracle/oracle_env.py")
+        echo "$pin  $(ls "$ROOT"/.gpu/4/gpt_sovits_cpufast-0.1.0-*.whl)" | sha256sum -c -
+        python3 -m pip install -q --no-index --no-deps --no-compile --target "$ORACLE_SITE" "$ROOT"/.gpu/4/*.whl
+        printf '#!/bin/sh\nPYTHONPATH=%s exec %s "$@"\n' "$ORACLE_SITE" "$(command -v python3)" > "$ORACLE_PYTHON"
+        chmod +x "$ORACLE_PYTHON"
+      fi
+      (cd /tmp && "$ORACLE_PYTHON" -c "import numpy, torch, transformers, tokenizers, yaml, tqdm, packaging, einops, GPT_SoVITS
+print('oracle: torch', torch.__version__, 'transformers', transformers.__version__, 'numpy', numpy.__version__)") | tee "$OUT/oracle.txt"
+      (cd "$ROOT" && python3 tools/oracle/oracle_env.py fixtures > "$OUT/fixtures.log" 2>&1) || { tail -30 "$OUT/fixtures.log"; exit 1; }
+      tail -n 2 "$OUT/fixtures.log"
+      rc=0
+      (cd "$ROOT" && PYTHONPATH="$ROOT:$SITE" python3 -m pytest -q -p no:cacheprovider --junitxml "$OUT/parity.xml" \
+        ${PARITY_TESTS:-$PARITY_DEFAULT} > "$OUT/parity.log" 2>&1) || rc=$?
+      tail -n 30 "$OUT/parity.log"
+      [ "$rc" = 0 ] || { echo "parity: pytest exited $rc"; exit "$rc"; } ;;
     check)
       export PATH="$SITE/bin:$PATH" PYTHONPATH="$SITE"
       (cd /tmp && python3 "$ROOT/benchmarks/device/node_check.py" --model-dir "$MODELS" --out /tmp/node_check \

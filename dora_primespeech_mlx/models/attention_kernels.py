@@ -148,11 +148,15 @@ def _build(backend: str):
     return _kernel
 
 
-def single_query_attention(q: mx.array, k: mx.array, v: mx.array, lengths: mx.array, scale: float) -> mx.array:
-    """The fused kernel (no availability check: see `fused_attention_available`)."""
+def single_query_attention(q: mx.array, k: mx.array, v: mx.array, lengths: mx.array, scale: float,
+                           warps: int | None = None) -> mx.array:
+    """The fused kernel (no availability check: see `fused_attention_available`); `warps` per
+    (row, head), default `WARPS` or `DPM_FUSED_WARPS`."""
     B, H, _, D = q.shape
     kernel = _build(_backend())
-    warps = min(32, max(1, int(os.environ.get("DPM_FUSED_WARPS", WARPS))))
+    if warps is None:
+        warps = int(os.environ.get("DPM_FUSED_WARPS", WARPS))
+    warps = min(32, max(1, int(warps)))
     (out,) = kernel(inputs=[q, k, v, lengths.astype(mx.int32), mx.array([scale], dtype=mx.float32)],
                     template=[("T", q.dtype), ("WARPS", warps)], grid=(B * H * 32 * warps, 1, 1),
                     threadgroup=(32 * warps, 1, 1),

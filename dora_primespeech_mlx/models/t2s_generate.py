@@ -37,6 +37,7 @@ import numpy as np
 
 from ..constants import MAX_DECODE_STEPS
 from .cache import COMPILE_BLOCK, make_cache
+from .decode_kernels import fused_decode_available, fused_decode_logits
 from .sample_utils import MIN_STEPS_BEFORE_EOS, apply_repetition_penalty, make_sampler, mask_token, seen_mask
 from .t2s import T2SConfig, T2SGraph
 from .t2s_batch import BatchDecoder
@@ -267,19 +268,25 @@ class T2S(T2SGraph):
         """The pure decode step `(token, audio_pos, offset, seen, key, eos_allowed, keys, values) ->
         (logits, token, packed, seen, key, keys, values)`, compiled once per sampling setting."""
         vocab = mx.arange(self.config.vocab_size)
+        # CUDA: five custom kernels per layer, K/V written in place (decode_kernels.py)
+        fused = fused_decode_available(self)
 
         def step(token, audio_pos, offset, seen, key, eos_allowed, keys, values):
             seen = mx.logical_or(seen, vocab == token)
             x = self.ar_audio_position.at(self.ar_audio_embedding(token[None]), audio_pos)  # (1, 1, D)
-            caches = [_SlotKVCache(k, v, offset, self.fused_attention) for k, v in zip(keys, values)]
-            valid = (mx.arange(keys[0].shape[2]) <= offset)[None]  # (1, capacity): written slots only
-            logits = self._head(self(x, valid, caches)[:, -1, :])
+            if fused:
+                logits = fused_decode_logits(self, x, offset, keys, values)
+            else:
+                caches = [_SlotKVCache(k, v, offset, self.fused_attention) for k, v in zip(keys, values)]
+                valid = (mx.arange(keys[0].shape[2]) <= offset)[None]  # (1, capacity): written slots only
+                logits = self._head(self(x, valid, caches)[:, -1, :])
+                keys, values = [c.keys for c in caches], [c.values for c in caches]
             token, packed, key = sample(logits, seen, key, eos_allowed)
-            return logits, token, packed, seen, key, [c.keys for c in caches], [c.values for c in caches]
+            return logits, token, packed, seen, key, keys, values
 
         if not compiled:
             return step
-        cache_key = sample.settings
+        cache_key = (sample.settings, fused)
         fns = self._compiled_steps
         if cache_key in fns:
             fns.move_to_end(cache_key)

@@ -1,0 +1,289 @@
+"""The GPT's single-row decode step as five custom GPU kernels per layer instead of ~19 MLX ops.
+
+Why: one decode step is launch-bound, not bandwidth-bound (docs/performance.md: MLX's CUDA backend
+costs 4-9 µs per kernel whatever its size, and a step of ~456 kernels is ~4 ms while reading the
+weights takes ~0.1 ms). Each kernel below is a matrix-vector product with its neighbours folded in:
+
+- `qkv`:  LayerNorm of the layer input (the previous layer's `norm2`, folded into the prologue: every
+          block normalises the 512-vector itself), the packed QKV projection and its bias; Q goes out,
+          K and V are written straight into the layer's K/V buffers at `offset` (one write, no
+          `slice_update` pair per buffer);
+- attention: `attention_kernels.single_query_attention` over the valid positions only;
+- `out`:  output projection + bias + the residual (the normalised layer input) -> `norm1`'s input;
+- `ffn1`: `norm1` in the prologue, linear1 + bias + ReLU;
+- `ffn2`: linear2 + bias + the residual (`norm1`'s output, recomputed in the prologue) -> `norm2`'s input;
+- `head`: the last `norm2` in the prologue and the logits projection.
+
+The post-norm layer `norm1(x + attn(x))`, `norm2(h + mlp(h))` is computed in the same order; only
+the summation order inside each dot product differs from MLX's matmuls (fp32 accumulation), so logits
+agree within ~1e-5 and greedy tokens are identical (tests/test_decode_kernels.py on the GPU host).
+
+The K/V write is in place: the kernel writes into buffers MLX sees as inputs. That is sound here
+because the step owns those buffers (made by `_fit_capacity`, never shared), the attention that reads
+them depends on the kernel's Q output, and the next step's write depends on this step's token, so
+every read and write is ordered on the stream. `ensure_row_contiguous` would copy a non-contiguous
+buffer and lose the write, so `fused_decode_logits` refuses such buffers.
+
+CUDA only (MLX's `mx.fast.cuda_kernel`); used after `self_check` matched the MLX-op step on random
+inputs on this device, else a WARNING and the MLX ops. Metal keeps the MLX ops: nothing here has been
+measured on an Apple GPU, where the step is bound by reading weights rather than by launches.
+`DPM_FUSED_DECODE=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .attention_kernels import HEAD_DIM, single_query_attention
+
+__all__ = ["ENV_SWITCH", "fused_decode_available", "fused_decode_logits", "kernel_source", "self_check"]
+
+logger = logging.getLogger(__name__)
+
+ENV_SWITCH = "DPM_FUSED_DECODE"
+# warps per block: one warp per output row
+ROWS_PER_BLOCK = 4
+# warps per (row, head) of the attention kernel (measured in docs/performance.md)
+ATTENTION_WARPS = 16
+
+_HEADER = """
+__device__ __forceinline__ float dpm_warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+
+// sum of one value per thread over the block; every thread gets the same result (same order)
+__device__ __forceinline__ float dpm_block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int warps = blockDim.x >> 5;
+    v = dpm_warp_sum(v);
+    __syncthreads();  // scratch may still be read by an earlier call
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float total = 0.f;
+    for (int i = 0; i < warps; ++i) total += scratch[i];
+    return total;
+}
+
+// mean and 1/std of n values (two passes, like a LayerNorm)
+template <typename V>
+__device__ __forceinline__ void dpm_moments(const V* src, int n, float eps, float* scratch,
+                                            float& mean, float& rstd) {
+    float s = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s += static_cast<float>(src[i]);
+    mean = dpm_block_sum(s, scratch) / n;
+    float q = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float d = static_cast<float>(src[i]) - mean;
+        q += d * d;
+    }
+    rstd = rsqrtf(dpm_block_sum(q, scratch) / n + eps);
+}
+"""
+
+# variant -> (inputs, has input LayerNorm, has residual, residual normalised, epilogue)
+_VARIANTS = {
+    "qkv": (["x", "gx", "bx", "w", "b", "kc", "vc", "offset"], True, False, False),
+    "qkv0": (["x", "w", "b", "kc", "vc", "offset"], False, False, False),
+    "out": (["x", "w", "b", "r", "gr", "br"], False, True, True),
+    "out0": (["x", "w", "b", "r"], False, True, False),
+    "ffn1": (["x", "gx", "bx", "w", "b"], True, False, False),
+    "ffn2": (["x", "w", "b", "r", "gr", "br"], False, True, True),
+    "head": (["x", "gx", "bx", "w"], True, False, False),
+}
+
+
+def kernel_source(variant: str, eps: float) -> tuple[list[str], str]:
+    """(input names, kernel body) of one variant; template arguments: `T` (weights and K/V), `K`
+    (input length), `N` (output rows)."""
+    inputs, norm_x, resid, norm_r = _VARIANTS[variant]
+    eps_literal = f"{float(eps)!r}f"
+    lines = [
+        "__shared__ float xs[K];",
+        "__shared__ float scratch[32];",
+    ]
+    if norm_x:
+        lines += [
+            "float mx_, rx_;",
+            f"dpm_moments(x, K, {eps_literal}, scratch, mx_, rx_);",
+            "for (int i = threadIdx.x; i < K; i += blockDim.x)",
+            "    xs[i] = (static_cast<float>(x[i]) - mx_) * rx_ * static_cast<float>(gx[i])",
+            "            + static_cast<float>(bx[i]);",
+        ]
+    else:
+        lines += ["for (int i = threadIdx.x; i < K; i += blockDim.x) xs[i] = static_cast<float>(x[i]);"]
+    if norm_r:
+        lines += ["float mr_, rr_;", f"dpm_moments(r, N, {eps_literal}, scratch, mr_, rr_);"]
+    lines += [
+        "__syncthreads();",
+        "const int lane = threadIdx.x & 31;",
+        "const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);",
+        "if (row >= N) return;",
+        "const T* wr = w + static_cast<size_t>(row) * K;",
+        "float acc = 0.f;",
+        "#pragma unroll 8",
+        "for (int k = lane; k < K; k += 32) acc += static_cast<float>(wr[k]) * xs[k];",
+        "acc = dpm_warp_sum(acc);",
+        "if (lane != 0) return;",
+    ]
+    if variant.startswith("qkv"):
+        lines += [
+            "const float y = acc + static_cast<float>(b[row]);",
+            "constexpr int D = N / 3;",
+            "if (row < D) { out[row] = static_cast<T>(y); return; }",
+            "const int j = (row - D) % D;",
+            "const int cap = kc_shape[2];",
+            "const int hd = kc_shape[3];",
+            "const size_t at = (static_cast<size_t>(j / hd) * cap + offset[0]) * hd + j % hd;",
+            "T* dst = const_cast<T*>(row < 2 * D ? kc : vc);",
+            "dst[at] = static_cast<T>(y);",
+        ]
+    elif variant == "ffn1":
+        lines += ["out[row] = static_cast<T>(fmaxf(acc + static_cast<float>(b[row]), 0.f));"]
+    elif variant == "head":
+        lines += ["out[row] = acc;"]
+    else:  # out, out0, ffn2: + bias + residual
+        res = "static_cast<float>(r[row])"
+        if norm_r:
+            res = f"(({res} - mr_) * rr_ * static_cast<float>(gr[row]) + static_cast<float>(br[row]))"
+        lines += [f"out[row] = (acc + static_cast<float>(b[row])) + {res};"]
+    return inputs, "\n".join("    " + line for line in lines) + "\n"
+
+
+_kernels: dict[tuple[str, float], object] = {}
+
+
+def _kernel(variant: str, eps: float):
+    key = (variant, float(eps))
+    if key not in _kernels:
+        inputs, body = kernel_source(variant, eps)
+        _kernels[key] = mx.fast.cuda_kernel(f"dpm_decode_{variant}", inputs, ["out"], body, header=_HEADER)
+    return _kernels[key]
+
+
+def _matvec(variant: str, eps: float, inputs: list[mx.array], n: int, k: int, w_dtype: mx.Dtype,
+            out_dtype: mx.Dtype) -> mx.array:
+    threads = 32 * ROWS_PER_BLOCK
+    blocks = -(-n // ROWS_PER_BLOCK)
+    size = n // 3 if variant.startswith("qkv") else n  # qkv: only Q goes out (K/V go to the cache)
+    (out,) = _kernel(variant, eps)(
+        inputs=inputs, template=[("T", w_dtype), ("K", k), ("N", n)], grid=(blocks * threads, 1, 1),
+        threadgroup=(threads, 1, 1), output_shapes=[(size,)], output_dtypes=[out_dtype])
+    return out
+
+
+def fused_decode_logits(model, x: mx.array, offset: mx.array, keys: list[mx.array],
+                        values: list[mx.array]) -> mx.array:
+    """Logits (1, V) float32 of one decode step for the embedded token `x` (1, 1, D) at cache slot
+    `offset` (int32 scalar); writes the step's K/V into `keys`/`values` (each (1, H, capacity, 32),
+    row-contiguous, owned by the caller) at `offset`."""
+    cfg = model.config
+    eps = cfg.layer_norm_eps
+    d = cfg.hidden_dim
+    dt = model.compute_dtype
+    lengths = (offset + 1).reshape(1).astype(mx.int32)
+    h = x.reshape(d).astype(mx.float32)  # the layer input before its norm (layer 0: the embedding)
+    norm = None  # (gamma, beta) of the norm that turns `h` into the layer input; None for layer 0
+    for layer, kc, vc in zip(model.h.layers, keys, values):
+        attn = layer.self_attn
+        if norm is None:
+            q = _matvec("qkv0", eps, [h, attn.in_proj.weight, attn.in_proj.bias, kc, vc, offset], 3 * d, d, dt, dt)
+        else:
+            q = _matvec("qkv", eps, [h, *norm, attn.in_proj.weight, attn.in_proj.bias, kc, vc, offset],
+                        3 * d, d, dt, dt)
+        ctx = single_query_attention(q.reshape(1, cfg.head, 1, HEAD_DIM), kc, vc, lengths, attn.scale,
+                                     warps=ATTENTION_WARPS).reshape(d)
+        if norm is None:
+            h1 = _matvec("out0", eps, [ctx, attn.out_proj.weight, attn.out_proj.bias, h], d, d, dt, mx.float32)
+        else:
+            h1 = _matvec("out", eps, [ctx, attn.out_proj.weight, attn.out_proj.bias, h, *norm], d, d, dt,
+                         mx.float32)
+        norm1 = (layer.norm1.weight, layer.norm1.bias)
+        m = _matvec("ffn1", eps, [h1, *norm1, layer.linear1.weight, layer.linear1.bias], cfg.ffn_dim, d, dt, dt)
+        h = _matvec("ffn2", eps, [m, layer.linear2.weight, layer.linear2.bias, h1, *norm1], d, cfg.ffn_dim,
+                    dt, mx.float32)
+        norm = (layer.norm2.weight, layer.norm2.bias)
+    logits = _matvec("head", eps, [h, *norm, model.ar_predict_layer.weight], cfg.vocab_size, d, dt, mx.float32)
+    return logits[None]
+
+
+def _supported(model) -> str | None:
+    """Why the fused step cannot run this model here (None: it can)."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return f"{ENV_SWITCH}=0"
+    if mx.default_device().type != mx.gpu or not mx.cuda.is_available():
+        return "not a CUDA GPU"
+    cfg = model.config
+    if cfg.head_dim != HEAD_DIM:
+        return f"head_dim {cfg.head_dim} (the attention kernel is for {HEAD_DIM})"
+    if model.compute_dtype not in (mx.float32, mx.float16, mx.bfloat16):
+        return f"compute dtype {model.compute_dtype}"
+    if any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
+        return "quantised weights"
+    if cfg.hidden_dim > 4096 or cfg.ffn_dim > 8192:
+        return "dimensions past the kernels' shared-memory buffer"
+    return None
+
+
+def self_check(model, tol: float = 1e-4, positions: int = 37) -> bool:
+    """Run one fused step against the MLX-op step of `model` on a random cache of `positions` filled
+    slots and a random token; True when the logits agree within `tol` (scaled by their magnitude) and
+    the K/V written at the slot are the same. Errors and mismatches log a WARNING."""
+    cfg = model.config
+    try:
+        from .t2s_generate import _SlotKVCache  # the reference step's cache (a sibling module)
+
+        dt = model.compute_dtype
+        capacity = 64
+        k0, k1, k2 = mx.random.split(mx.random.key(11), 3)
+        shape = (1, cfg.head, capacity, cfg.head_dim)
+        base_k = [mx.random.normal(shape, key=k).astype(dt) for k in mx.random.split(k0, cfg.n_layer)]
+        base_v = [mx.random.normal(shape, key=k).astype(dt) for k in mx.random.split(k1, cfg.n_layer)]
+        x = mx.random.normal((1, 1, cfg.hidden_dim), key=k2)
+        offset = mx.array(positions, dtype=mx.int32)
+        # fresh row-contiguous buffers for each path (the fused one writes in place)
+        fk = [mx.array(k) + 0 for k in base_k]
+        fv = [mx.array(v) + 0 for v in base_v]
+        mx.eval(fk, fv)
+        got = fused_decode_logits(model, x, offset, fk, fv)
+        mx.eval(got, fk, fv)
+        caches = [_SlotKVCache(k, v, offset) for k, v in zip(base_k, base_v)]
+        valid = (mx.arange(capacity) <= offset)[None]
+        want = model._head(model(x, valid, caches)[:, -1, :])
+        mx.eval(want)
+        scale = max(1.0, float(mx.max(mx.abs(want)).item()))
+        err = float(mx.max(mx.abs(got - want)).item()) / scale
+        kv_err = max(float(mx.max(mx.abs(a[:, :, : positions + 1] - c.keys[:, :, : positions + 1])).item())
+                     for a, c in zip(fk, caches))
+        kv_err = max(kv_err, max(float(mx.max(mx.abs(a[:, :, : positions + 1] - c.values[:, :, : positions + 1]))
+                                       .item()) for a, c in zip(fv, caches)))
+    except Exception as exc:  # noqa: BLE001 - any failure means: use the MLX ops
+        logger.warning("fused decode kernels failed their self-check (%s: %s); decoding with MLX's ops",
+                       type(exc).__name__, str(exc)[:300])
+        return False
+    kv_tol = 1e-4 if model.compute_dtype == mx.float32 else 2e-2
+    step_tol = tol if model.compute_dtype == mx.float32 else 5e-2
+    if not (err <= step_tol and kv_err <= kv_tol):
+        logger.warning("fused decode kernels differ from MLX's ops on this device (logits %.2e, K/V %.2e); "
+                       "decoding with MLX's ops", err, kv_err)
+        return False
+    logger.info("fused decode kernels checked on %s: logits %.2e, K/V %.2e", mx.default_device(), err, kv_err)
+    return True
+
+
+def fused_decode_available(model) -> bool:
+    """True when the single-row decode step may use the fused kernels: CUDA, a supported model, and
+    `self_check` passed for this model at its current precision (checked once, cached on the model)."""
+    why = _supported(model)
+    if why is not None:
+        return False
+    cache = model.__dict__.setdefault("_fused_decode_checked", {})
+    key = str(model.compute_dtype)
+    if key not in cache:
+        cache[key] = self_check(model)
+    return cache[key]

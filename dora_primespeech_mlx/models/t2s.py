@@ -32,8 +32,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .attention_kernels import single_query_attention
 from ..weights import CheckpointError, check_float, check_int, check_state_dict
+from .attention_kernels import single_query_attention
 from .base import ModelConfig
 
 __all__ = ["T2SConfig", "T2SGraph", "sanitize", "sine_table"]

@@ -17,10 +17,10 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ..weights import CheckpointError, check_state_dict, plain_config, read_torch_file
+from .attention_kernels import fused_attention_available
 from .base import load_strict
 from .t2s import T2SConfig, T2SGraph, sanitize
 from .t2s_generate import T2S
-from .attention_kernels import fused_attention_available
 from .t2s_precision import apply_precision
 
 logger = logging.getLogger(__name__)

@@ -135,3 +135,24 @@ def test_a_mismatching_kernel_fails_the_self_check_and_decoding_falls_back(monke
     assert not dk.fused_decode_available(model)
     model.compile_decode = True
     assert len(model.generate(*inputs(), top_k=1, max_new_tokens=5)) == 5
+
+
+@needs_cuda
+def test_batched_rows_use_the_kernels_and_keep_each_rows_tokens(monkeypatch):
+    model = gpt(hidden=256, heads=8, layers=2, seed=2)
+    # different lengths; the last row's cache crosses a capacity block while the others decode
+    rows = [inputs(5, 3, seed=1), inputs(12, 0, seed=2), inputs(30, 220, seed=3)]
+    model.compile_decode = False
+    want = [model.generate(*r, top_k=1, max_new_tokens=40).tolist() for r in rows]  # eager, one by one
+    calls = []
+    real = dk.fused_decode_logits
+    monkeypatch.setattr("dora_primespeech_mlx.models.t2s_batch.fused_decode_logits",
+                        lambda model, x, *a: calls.append(x.shape[0]) or real(model, x, *a))
+    model.compile_decode = True
+    got = [r.tolist() for r in model.generate_batch(rows, top_k=1, max_new_tokens=40)]
+    assert 3 in calls, "the batched step did not trace the fused kernels for three rows"
+    assert got == want
+    # seeded sampling: each row draws what it draws alone in a batch of the MLX ops
+    seeded = [r.tolist() for r in model.generate_batch(rows, top_k=5, seed=[1, 2, 3], max_new_tokens=40)]
+    monkeypatch.setenv(dk.ENV_SWITCH, "0")
+    assert [r.tolist() for r in model.generate_batch(rows, top_k=5, seed=[1, 2, 3], max_new_tokens=40)] == seeded

@@ -397,6 +397,6 @@ def test_compiled_steps_are_bounded_least_recently_used():
     for s in settings:
         model._static_step(model._sample_fn(*s), True)
     model._static_step(model._sample_fn(*settings[4]), True)  # used again: kept
-    keys = list(model._compiled_steps)
+    keys = [settings for settings, _fused in model._compiled_steps]  # keyed (sampling settings, fused kernels)
     assert len(keys) == t2s_module.MAX_COMPILED_STEPS
     assert keys[-1] == settings[4] and settings[0] not in keys

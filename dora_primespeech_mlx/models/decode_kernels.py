@@ -49,6 +49,10 @@ ENV_SWITCH = "DPM_FUSED_DECODE"
 ROWS_PER_BLOCK = 4
 # warps per (row, head) of the attention kernel (measured in docs/performance.md)
 ATTENTION_WARPS = 16
+# static shared memory for a block's staged inputs (rows x K fp32); CUDA allows 48 KiB in all
+SHARED_BYTES = 32 * 1024
+# batch rows the kernels take (their normalised inputs must fit SHARED_BYTES)
+MAX_ROWS = 16
 
 _HEADER = """
 __device__ __forceinline__ float dpm_warp_sum(float v) {
@@ -88,70 +92,108 @@ __device__ __forceinline__ void dpm_moments(const V* src, int n, float eps, floa
 
 # variant -> (inputs, has input LayerNorm, has residual, residual normalised, epilogue)
 _VARIANTS = {
-    "qkv": (["x", "gx", "bx", "w", "b", "kc", "vc", "offset"], True, False, False),
-    "qkv0": (["x", "w", "b", "kc", "vc", "offset"], False, False, False),
-    "out": (["x", "w", "b", "r", "gr", "br"], False, True, True),
-    "out0": (["x", "w", "b", "r"], False, True, False),
-    "ffn1": (["x", "gx", "bx", "w", "b"], True, False, False),
-    "ffn2": (["x", "w", "b", "r", "gr", "br"], False, True, True),
+    "qkv": (["x", "gx", "bx", "w", "bias", "kc", "vc", "offsets"], True, False, False),
+    "qkv0": (["x", "w", "bias", "kc", "vc", "offsets"], False, False, False),
+    "out": (["x", "w", "bias", "r", "gr", "br"], False, True, True),
+    "out0": (["x", "w", "bias", "r"], False, True, False),
+    "ffn1": (["x", "gx", "bx", "w", "bias"], True, False, False),
+    "ffn2": (["x", "w", "bias", "r", "gr", "br"], False, True, True),
     "head": (["x", "gx", "bx", "w"], True, False, False),
 }
 
 
 def kernel_source(variant: str, eps: float) -> tuple[list[str], str]:
-    """(input names, kernel body) of one variant; template arguments: `T` (weights and K/V), `K`
-    (input length), `N` (output rows)."""
+    """(input names, kernel body) of one variant. Template arguments: `T` (weights and K/V), `K`
+    (input length), `N` (output rows), `B` (batch rows: `x` is (B, K), `r` and the output (B, N)),
+    `STAGE` (copy `x` to shared memory; always for a normalised `x`)."""
     inputs, norm_x, resid, norm_r = _VARIANTS[variant]
     eps_literal = f"{float(eps)!r}f"
     lines = [
-        "__shared__ float xs[K];",
+        "__shared__ __align__(16) float xs[STAGE ? B * K : 4];",
         "__shared__ float scratch[32];",
     ]
     if norm_x:
         lines += [
-            "float mx_, rx_;",
-            f"dpm_moments(x, K, {eps_literal}, scratch, mx_, rx_);",
-            "for (int i = threadIdx.x; i < K; i += blockDim.x)",
-            "    xs[i] = (static_cast<float>(x[i]) - mx_) * rx_ * static_cast<float>(gx[i])",
-            "            + static_cast<float>(bx[i]);",
+            "for (int b = 0; b < B; ++b) {",
+            "    float mean, rstd;",
+            f"    dpm_moments(x + b * K, K, {eps_literal}, scratch, mean, rstd);",
+            "    for (int i = threadIdx.x; i < K; i += blockDim.x)",
+            "        xs[b * K + i] = (static_cast<float>(x[b * K + i]) - mean) * rstd * static_cast<float>(gx[i])",
+            "                        + static_cast<float>(bx[i]);",
+            "}",
         ]
     else:
-        lines += ["for (int i = threadIdx.x; i < K; i += blockDim.x) xs[i] = static_cast<float>(x[i]);"]
+        lines += [
+            "if constexpr (STAGE) {",
+            "    for (int i = threadIdx.x; i < B * K; i += blockDim.x) xs[i] = static_cast<float>(x[i]);",
+            "}",
+        ]
     if norm_r:
-        lines += ["float mr_, rr_;", f"dpm_moments(r, N, {eps_literal}, scratch, mr_, rr_);"]
+        lines += [
+            "float mr_[B], rr_[B];",
+            "for (int b = 0; b < B; ++b) "
+            f"dpm_moments(r + b * N, N, {eps_literal}, scratch, mr_[b], rr_[b]);",
+        ]
     lines += [
         "__syncthreads();",
         "const int lane = threadIdx.x & 31;",
         "const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);",
         "if (row >= N) return;",
         "const T* wr = w + static_cast<size_t>(row) * K;",
-        "float acc = 0.f;",
-        "#pragma unroll 8",
-        "for (int k = lane; k < K; k += 32) acc += static_cast<float>(wr[k]) * xs[k];",
-        "acc = dpm_warp_sum(acc);",
+        "float acc[B];",
+        "#pragma unroll",
+        "for (int b = 0; b < B; ++b) acc[b] = 0.f;",
+        # the weight row is read once for all batch rows; 16-byte loads (4 fp32 or 8 fp16 weights)
+        "constexpr int VW = 16 / sizeof(T);",
+        "if constexpr (K % (32 * VW) == 0) {",
+        "    #pragma unroll",
+        "    for (int k = lane * VW; k < K; k += 32 * VW) {",
+        "        const uint4 raw = *reinterpret_cast<const uint4*>(wr + k);",
+        "        const T* e = reinterpret_cast<const T*>(&raw);",
+        "        #pragma unroll",
+        "        for (int b = 0; b < B; ++b) {",
+        "            #pragma unroll",
+        "            for (int i = 0; i < VW; ++i)",
+        "                acc[b] += static_cast<float>(e[i])",
+        "                          * (STAGE ? xs[b * K + k + i] : static_cast<float>(x[b * K + k + i]));",
+        "        }",
+        "    }",
+        "} else {",
+        "    for (int k = lane; k < K; k += 32) {",
+        "        const float wk = static_cast<float>(wr[k]);",
+        "        #pragma unroll",
+        "        for (int b = 0; b < B; ++b)",
+        "            acc[b] += wk * (STAGE ? xs[b * K + k] : static_cast<float>(x[b * K + k]));",
+        "    }",
+        "}",
+        "#pragma unroll",
+        "for (int b = 0; b < B; ++b) acc[b] = dpm_warp_sum(acc[b]);",
         "if (lane != 0) return;",
+        "for (int b = 0; b < B; ++b) {",
     ]
     if variant.startswith("qkv"):
         lines += [
-            "const float y = acc + static_cast<float>(b[row]);",
-            "constexpr int D = N / 3;",
-            "if (row < D) { out[row] = static_cast<T>(y); return; }",
-            "const int j = (row - D) % D;",
-            "const int cap = kc_shape[2];",
-            "const int hd = kc_shape[3];",
-            "const size_t at = (static_cast<size_t>(j / hd) * cap + offset[0]) * hd + j % hd;",
-            "T* dst = const_cast<T*>(row < 2 * D ? kc : vc);",
-            "dst[at] = static_cast<T>(y);",
+            "    const float y = acc[b] + static_cast<float>(bias[row]);",
+            "    constexpr int D = N / 3;",
+            "    if (row < D) { out[b * D + row] = static_cast<T>(y); continue; }",
+            "    const int j = (row - D) % D;",
+            "    const int heads = kc_shape[1];",
+            "    const int cap = kc_shape[2];",
+            "    const int hd = kc_shape[3];",
+            "    const size_t at = ((static_cast<size_t>(b) * heads + j / hd) * cap + offsets[b]) * hd + j % hd;",
+            "    T* dst = const_cast<T*>(row < 2 * D ? kc : vc);",
+            "    dst[at] = static_cast<T>(y);",
         ]
     elif variant == "ffn1":
-        lines += ["out[row] = static_cast<T>(fmaxf(acc + static_cast<float>(b[row]), 0.f));"]
+        lines += ["    out[b * N + row] = static_cast<T>(fmaxf(acc[b] + static_cast<float>(bias[row]), 0.f));"]
     elif variant == "head":
-        lines += ["out[row] = acc;"]
+        lines += ["    out[b * N + row] = acc[b];"]
     else:  # out, out0, ffn2: + bias + residual
-        res = "static_cast<float>(r[row])"
+        res = "static_cast<float>(r[b * N + row])"
         if norm_r:
-            res = f"(({res} - mr_) * rr_ * static_cast<float>(gr[row]) + static_cast<float>(br[row]))"
-        lines += [f"out[row] = (acc + static_cast<float>(b[row])) + {res};"]
+            res = f"(({res} - mr_[b]) * rr_[b] * static_cast<float>(gr[row]) + static_cast<float>(br[row]))"
+        lines += [f"    out[b * N + row] = (acc[b] + static_cast<float>(bias[row])) + {res};"]
+    lines += ["}"]
     return inputs, "\n".join("    " + line for line in lines) + "\n"
 
 
@@ -167,49 +209,55 @@ def _kernel(variant: str, eps: float):
 
 
 def _matvec(variant: str, eps: float, inputs: list[mx.array], n: int, k: int, w_dtype: mx.Dtype,
-            out_dtype: mx.Dtype) -> mx.array:
+            out_dtype: mx.Dtype, rows: int) -> mx.array:
     threads = 32 * ROWS_PER_BLOCK
     blocks = -(-n // ROWS_PER_BLOCK)
     size = n // 3 if variant.startswith("qkv") else n  # qkv: only Q goes out (K/V go to the cache)
+    stage = _VARIANTS[variant][1] or rows * k * 4 <= SHARED_BYTES
     (out,) = _kernel(variant, eps)(
-        inputs=inputs, template=[("T", w_dtype), ("K", k), ("N", n)], grid=(blocks * threads, 1, 1),
-        threadgroup=(threads, 1, 1), output_shapes=[(size,)], output_dtypes=[out_dtype])
+        inputs=inputs, template=[("T", w_dtype), ("K", k), ("N", n), ("B", rows), ("STAGE", stage)],
+        grid=(blocks * threads, 1, 1), threadgroup=(threads, 1, 1), output_shapes=[(rows, size)],
+        output_dtypes=[out_dtype])
     return out
 
 
-def fused_decode_logits(model, x: mx.array, offset: mx.array, keys: list[mx.array],
+def fused_decode_logits(model, x: mx.array, offsets: mx.array, keys: list[mx.array],
                         values: list[mx.array]) -> mx.array:
-    """Logits (1, V) float32 of one decode step for the embedded token `x` (1, 1, D) at cache slot
-    `offset` (int32 scalar); writes the step's K/V into `keys`/`values` (each (1, H, capacity, 32),
-    row-contiguous, owned by the caller) at `offset`."""
+    """Logits (B, V) float32 of one decode step for the embedded tokens `x` (B, 1, D), row b at cache
+    slot `offsets[b]` (int32 (B,), or a scalar for one row); writes the step's K/V into `keys`/`values`
+    (each (B, H, capacity, 32), row-contiguous, owned by the caller) at those slots."""
     cfg = model.config
     eps = cfg.layer_norm_eps
     d = cfg.hidden_dim
     dt = model.compute_dtype
-    lengths = (offset + 1).reshape(1).astype(mx.int32)
-    h = x.reshape(d).astype(mx.float32)  # the layer input before its norm (layer 0: the embedding)
+    rows = x.shape[0]
+    offsets = offsets.reshape(rows).astype(mx.int32)
+    lengths = offsets + 1
+    h = x.reshape(rows, d).astype(mx.float32)  # the layer input before its norm (layer 0: the embedding)
     norm = None  # (gamma, beta) of the norm that turns `h` into the layer input; None for layer 0
     for layer, kc, vc in zip(model.h.layers, keys, values):
         attn = layer.self_attn
         if norm is None:
-            q = _matvec("qkv0", eps, [h, attn.in_proj.weight, attn.in_proj.bias, kc, vc, offset], 3 * d, d, dt, dt)
+            q = _matvec("qkv0", eps, [h, attn.in_proj.weight, attn.in_proj.bias, kc, vc, offsets], 3 * d, d, dt, dt,
+                        rows)
         else:
-            q = _matvec("qkv", eps, [h, *norm, attn.in_proj.weight, attn.in_proj.bias, kc, vc, offset],
-                        3 * d, d, dt, dt)
-        ctx = single_query_attention(q.reshape(1, cfg.head, 1, HEAD_DIM), kc, vc, lengths, attn.scale,
-                                     warps=ATTENTION_WARPS).reshape(d)
+            q = _matvec("qkv", eps, [h, *norm, attn.in_proj.weight, attn.in_proj.bias, kc, vc, offsets],
+                        3 * d, d, dt, dt, rows)
+        ctx = single_query_attention(q.reshape(rows, cfg.head, 1, HEAD_DIM), kc, vc, lengths, attn.scale,
+                                     warps=ATTENTION_WARPS).reshape(rows, d)
         if norm is None:
-            h1 = _matvec("out0", eps, [ctx, attn.out_proj.weight, attn.out_proj.bias, h], d, d, dt, mx.float32)
+            h1 = _matvec("out0", eps, [ctx, attn.out_proj.weight, attn.out_proj.bias, h], d, d, dt, mx.float32,
+                         rows)
         else:
             h1 = _matvec("out", eps, [ctx, attn.out_proj.weight, attn.out_proj.bias, h, *norm], d, d, dt,
-                         mx.float32)
+                         mx.float32, rows)
         norm1 = (layer.norm1.weight, layer.norm1.bias)
-        m = _matvec("ffn1", eps, [h1, *norm1, layer.linear1.weight, layer.linear1.bias], cfg.ffn_dim, d, dt, dt)
+        m = _matvec("ffn1", eps, [h1, *norm1, layer.linear1.weight, layer.linear1.bias], cfg.ffn_dim, d, dt, dt,
+                    rows)
         h = _matvec("ffn2", eps, [m, layer.linear2.weight, layer.linear2.bias, h1, *norm1], d, cfg.ffn_dim,
-                    dt, mx.float32)
+                    dt, mx.float32, rows)
         norm = (layer.norm2.weight, layer.norm2.bias)
-    logits = _matvec("head", eps, [h, *norm, model.ar_predict_layer.weight], cfg.vocab_size, d, dt, mx.float32)
-    return logits[None]
+    return _matvec("head", eps, [h, *norm, model.ar_predict_layer.weight], cfg.vocab_size, d, dt, mx.float32, rows)
 
 
 def _supported(model) -> str | None:
@@ -225,49 +273,57 @@ def _supported(model) -> str | None:
         return f"compute dtype {model.compute_dtype}"
     if any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
         return "quantised weights"
-    if cfg.hidden_dim > 4096 or cfg.ffn_dim > 8192:
-        return "dimensions past the kernels' shared-memory buffer"
+    if cfg.hidden_dim * 4 > SHARED_BYTES:
+        return "a hidden size past the kernels' shared-memory buffer"
     return None
 
 
-def self_check(model, tol: float = 1e-4, positions: int = 37) -> bool:
-    """Run one fused step against the MLX-op step of `model` on a random cache of `positions` filled
-    slots and a random token; True when the logits agree within `tol` (scaled by their magnitude) and
-    the K/V written at the slot are the same. Errors and mismatches log a WARNING."""
-    cfg = model.config
-    try:
-        from .t2s_generate import _SlotKVCache  # the reference step's cache (a sibling module)
+def _check_rows(model, offsets: list[int], capacity: int) -> tuple[float, float]:
+    """(logits error relative to their magnitude, K/V error) of one fused step against the MLX-op step
+    for rows at cache slots `offsets`, on random K/V buffers and embedded tokens."""
+    from .t2s_batch import _ScatterKVCache  # the batched reference step's cache (a sibling module)
 
-        dt = model.compute_dtype
-        capacity = 64
-        k0, k1, k2 = mx.random.split(mx.random.key(11), 3)
-        shape = (1, cfg.head, capacity, cfg.head_dim)
-        base_k = [mx.random.normal(shape, key=k).astype(dt) for k in mx.random.split(k0, cfg.n_layer)]
-        base_v = [mx.random.normal(shape, key=k).astype(dt) for k in mx.random.split(k1, cfg.n_layer)]
-        x = mx.random.normal((1, 1, cfg.hidden_dim), key=k2)
-        offset = mx.array(positions, dtype=mx.int32)
-        # fresh row-contiguous buffers for each path (the fused one writes in place)
-        fk = [mx.array(k) + 0 for k in base_k]
-        fv = [mx.array(v) + 0 for v in base_v]
-        mx.eval(fk, fv)
-        got = fused_decode_logits(model, x, offset, fk, fv)
-        mx.eval(got, fk, fv)
-        caches = [_SlotKVCache(k, v, offset) for k, v in zip(base_k, base_v)]
-        valid = (mx.arange(capacity) <= offset)[None]
-        want = model._head(model(x, valid, caches)[:, -1, :])
-        mx.eval(want)
-        scale = max(1.0, float(mx.max(mx.abs(want)).item()))
-        err = float(mx.max(mx.abs(got - want)).item()) / scale
-        kv_err = max(float(mx.max(mx.abs(a[:, :, : positions + 1] - c.keys[:, :, : positions + 1])).item())
-                     for a, c in zip(fk, caches))
-        kv_err = max(kv_err, max(float(mx.max(mx.abs(a[:, :, : positions + 1] - c.values[:, :, : positions + 1]))
-                                       .item()) for a, c in zip(fv, caches)))
+    cfg = model.config
+    dt = model.compute_dtype
+    rows = len(offsets)
+    k0, k1, k2 = mx.random.split(mx.random.key(11 + rows), 3)
+    shape = (rows, cfg.head, capacity, cfg.head_dim)
+    base_k = [mx.random.normal(shape, key=k).astype(dt) for k in mx.random.split(k0, cfg.n_layer)]
+    base_v = [mx.random.normal(shape, key=k).astype(dt) for k in mx.random.split(k1, cfg.n_layer)]
+    x = mx.random.normal((rows, 1, cfg.hidden_dim), key=k2)
+    slots = mx.array(offsets, dtype=mx.int32)
+    # fresh row-contiguous buffers for the fused path (it writes in place)
+    fk = [k + 0 for k in base_k]
+    fv = [v + 0 for v in base_v]
+    mx.eval(fk, fv)
+    got = fused_decode_logits(model, x, slots if rows > 1 else slots[0], fk, fv)
+    mx.eval(got, fk, fv)
+    caches = [_ScatterKVCache(k, v, slots) for k, v in zip(base_k, base_v)]
+    valid = (mx.arange(capacity)[None] <= slots[:, None])[:, None, None, :]
+    want = model._head(model(x, valid, caches)[:, -1, :])
+    mx.eval(want)
+    scale = max(1.0, float(mx.max(mx.abs(want)).item()))
+    err = float(mx.max(mx.abs(got - want)).item()) / scale
+    kv_err = 0.0
+    for mine, ref in zip(fk + fv, [c.keys for c in caches] + [c.values for c in caches]):
+        kv_err = max(kv_err, float(mx.max(mx.abs(mine.astype(mx.float32) - ref.astype(mx.float32))).item()))
+    return err, kv_err
+
+
+def self_check(model, tol: float = 1e-4) -> bool:
+    """Run fused steps against the MLX-op steps of `model` (one row; three rows at different slots)
+    on random caches and tokens; True when the logits agree within `tol` (relative to their
+    magnitude) and the K/V buffers match after the write. Errors and mismatches log a WARNING."""
+    try:
+        err, kv_err = _check_rows(model, [37], 64)
+        err3, kv_err3 = _check_rows(model, [0, 130, 63], 192)
+        err, kv_err = max(err, err3), max(kv_err, kv_err3)
     except Exception as exc:  # noqa: BLE001 - any failure means: use the MLX ops
         logger.warning("fused decode kernels failed their self-check (%s: %s); decoding with MLX's ops",
                        type(exc).__name__, str(exc)[:300])
         return False
-    kv_tol = 1e-4 if model.compute_dtype == mx.float32 else 2e-2
-    step_tol = tol if model.compute_dtype == mx.float32 else 5e-2
+    fp32 = model.compute_dtype == mx.float32
+    step_tol, kv_tol = (tol, 1e-4) if fp32 else (5e-2, 2e-2)
     if not (err <= step_tol and kv_err <= kv_tol):
         logger.warning("fused decode kernels differ from MLX's ops on this device (logits %.2e, K/V %.2e); "
                        "decoding with MLX's ops", err, kv_err)
@@ -276,11 +332,13 @@ def self_check(model, tol: float = 1e-4, positions: int = 37) -> bool:
     return True
 
 
-def fused_decode_available(model) -> bool:
-    """True when the single-row decode step may use the fused kernels: CUDA, a supported model, and
-    `self_check` passed for this model at its current precision (checked once, cached on the model)."""
-    why = _supported(model)
-    if why is not None:
+def fused_decode_available(model, rows: int = 1) -> bool:
+    """True when a decode step of `rows` rows may use the fused kernels: CUDA, a supported model, the
+    rows' normalised inputs fit shared memory, and `self_check` passed for this model at its current
+    precision (checked once, cached on the model)."""
+    if _supported(model) is not None or not 1 <= rows <= MAX_ROWS:
+        return False
+    if rows * model.config.hidden_dim * 4 > SHARED_BYTES:
         return False
     cache = model.__dict__.setdefault("_fused_decode_checked", {})
     key = str(model.compute_dtype)

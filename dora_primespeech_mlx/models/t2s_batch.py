@@ -28,6 +28,7 @@ import numpy as np
 
 from ..constants import MAX_DECODE_STEPS
 from .cache import COMPILE_BLOCK, make_cache
+from .decode_kernels import fused_decode_available, fused_decode_logits
 from .sample_utils import MIN_STEPS_BEFORE_EOS, apply_repetition_penalty, logits_to_probs, mask_token, seen_mask
 
 __all__ = ["BatchDecoder", "RowSampling", "BatchStep", "MAX_BATCH_STEPS"]
@@ -268,11 +269,14 @@ class BatchDecoder:
         live on the model (`_batch_steps`, least recently used dropped), so every decoder of a model
         reuses their traces: a request's new decoder must not re-trace."""
         fns = self.model._batch_steps if self.compiled else self._fns
-        if settings in fns:
-            if self.compiled:
-                fns.move_to_end(settings)
-            return fns[settings]
         model = self.model
+        # CUDA: five custom kernels per layer for all rows, K/V written in place (decode_kernels.py)
+        fused = fused_decode_available(model, len(settings))
+        key = (settings, fused)
+        if key in fns:
+            if self.compiled:
+                fns.move_to_end(key)
+            return fns[key]
         cfg = model.config
         vocab = mx.arange(cfg.vocab_size)
 
@@ -281,18 +285,22 @@ class BatchDecoder:
             pos = model.ar_audio_position
             x = model.ar_audio_embedding(token[:, None]) * pos.x_scale
             x = x + pos.alpha * mx.take(pos._pe, audio_pos, axis=0)[:, None, :]  # (B, 1, D)
-            caches = [_ScatterKVCache(k, v, offsets, getattr(model, "fused_attention", False))
-                      for k, v in zip(keys, values)]
-            valid = (mx.arange(keys[0].shape[2])[None] <= offsets[:, None])[:, None, None, :]
-            logits = model._head(model(x, valid, caches)[:, -1, :])
+            if fused:
+                logits = fused_decode_logits(model, x, offsets, keys, values)
+            else:
+                caches = [_ScatterKVCache(k, v, offsets, getattr(model, "fused_attention", False))
+                          for k, v in zip(keys, values)]
+                valid = (mx.arange(keys[0].shape[2])[None] <= offsets[:, None])[:, None, None, :]
+                logits = model._head(model(x, valid, caches)[:, -1, :])
+                keys, values = [c.keys for c in caches], [c.values for c in caches]
             token, stop, rng = _sample_rows(logits, seen, rng, eos_allowed, settings, cfg.EOS)
             packed = mx.stack([token, stop.astype(mx.int32)], axis=1)
-            return token, packed, seen, rng, [c.keys for c in caches], [c.values for c in caches]
+            return token, packed, seen, rng, keys, values
 
         fn = mx.compile(step, inputs=model) if self.compiled else step
         while len(fns) >= MAX_BATCH_STEPS:
             fns.pop(next(iter(fns)))
-        fns[settings] = fn
+        fns[key] = fn
         return fn
 
     def warm_up_compiled(self, max_rows: int, max_positions: int, sampling: RowSampling) -> float:

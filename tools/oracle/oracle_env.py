@@ -10,6 +10,11 @@ and runs in its own process. Tests and the demo only read the files it writes.
 
 Both live under $DORA_PRIMESPEECH_MLX_CACHE (default ~/.cache/dora-primespeech-mlx), keyed by the
 pinned versions, the builder's source and the seed, so a warm machine reuses them.
+
+Where PyPI cannot be reached, $DORA_PRIMESPEECH_MLX_ORACLE_PYTHON names an existing python with torch
+and transformers to use instead of the virtualenv; a wrapper script that puts gpt-sovits-cpufast and
+einops (installed with --no-deps --target) on its PYTHONPATH will do (benchmarks/device/gpu_node.sh
+`parity`). Unset, nothing changes.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ Mac at load time, since CI cannot run Metal.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 
@@ -141,10 +142,13 @@ def _build(backend: str):
     global _kernel
     if _kernel is None:
         names = (["q", "k", "v", "lengths", "scale_arr"], ["out"])
+        # MLX caches compiled CUDA kernels on disk by name, not by source: the name carries a digest
+        source = _CUDA_SOURCE if backend == "cuda" else _METAL_SOURCE
+        name = f"dpm_sq_attention_hd32_{hashlib.sha1(source.encode()).hexdigest()[:12]}"
         if backend == "cuda":
-            _kernel = mx.fast.cuda_kernel("dpm_sq_attention_hd32", *names, _CUDA_SOURCE)
+            _kernel = mx.fast.cuda_kernel(name, *names, source)
         else:
-            _kernel = mx.fast.metal_kernel("dpm_sq_attention_hd32", *names, _METAL_SOURCE)
+            _kernel = mx.fast.metal_kernel(name, *names, source)
     return _kernel
 
 

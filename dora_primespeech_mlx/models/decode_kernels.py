@@ -32,6 +32,7 @@ measured on an Apple GPU, where the step is bound by reading weights rather than
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 
@@ -204,7 +205,11 @@ def _kernel(variant: str, eps: float):
     key = (variant, float(eps))
     if key not in _kernels:
         inputs, body = kernel_source(variant, eps)
-        _kernels[key] = mx.fast.cuda_kernel(f"dpm_decode_{variant}", inputs, ["out"], body, header=_HEADER)
+        # MLX caches compiled kernels on disk by name and template arguments, not by source: the
+        # source's digest in the name keeps a cache written by another version from being loaded
+        digest = hashlib.sha1((_HEADER + body).encode()).hexdigest()[:12]
+        _kernels[key] = mx.fast.cuda_kernel(f"dpm_decode_{variant}_{digest}", inputs, ["out"], body,
+                                            header=_HEADER)
     return _kernels[key]
 
 

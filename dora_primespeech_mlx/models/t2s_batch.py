@@ -101,11 +101,15 @@ def _sample_rows(logits: mx.array, seen: mx.array, keys: list[mx.array], eos_all
             probs = logits_to_probs(part, top_k=top_k, top_p=top_p, temperature=temperature)
             u = mx.concatenate([mx.random.uniform(shape=(1, part.shape[-1]), key=subs[b]) for b in members])
             drawn = mx.argmax(probs / -mx.log(u), axis=-1).astype(mx.int32)
+        if len(members) == B:  # one group (the usual case): no per-row slices to put back together
+            penalised_all, token = part, drawn
+            break
         for j, b in enumerate(members):
             penalised[b] = part[j]
             tokens[b] = drawn[j]
-    penalised_all = mx.stack(penalised)
-    token = mx.stack(tokens)
+    else:
+        penalised_all = mx.stack(penalised)
+        token = mx.stack(tokens)
     stop = mx.logical_or(mx.argmax(penalised_all, axis=-1) == eos, token == eos)
     return token, stop, new_keys
 

@@ -46,7 +46,7 @@ from .options import (
     join_audio,
 )
 from .batch_synthesis import MAX_BATCH_ROWS, synthesize_batched
-from .text.frontend import request_sentences
+from .text.frontend import request_sentences, warm_up_frontend
 from .voices import Voice, VoiceRegistry
 from .weights import release_freed_memory
 
@@ -360,11 +360,17 @@ class Engine:
         bucket a stream window at the voice's speed and a typical whole sentence need (speed < 1 needs
         longer windows than one 160-frame bucket), the window's bucket last; then one whole request of
         a typical sentence through the same path (`streaming`, `options`; measured on the H200: a
-        2-token synthesis left the first real request ~1.3x slower than its repeat). Returns seconds
-        per part (all 0 on the CPU, where there is nothing to warm)."""
+        2-token synthesis left the first real request ~1.3x slower than its repeat). On every device,
+        the text frontends' lazy tables are loaded (the first text with an English word paid 0.4 s on
+        the H200's host, 0.6 s here), except under `MEMORY_PRESET=low` (they hold ~160 MB). Returns
+        seconds per part (0 for what there was nothing to warm: the GPT and SoVITS on the CPU)."""
         options = options or SynthesisOptions()
         t2s, sovits = self.voice_models(voice)
-        spent = {"t2s_s": 0.0, "sovits_s": 0.0, "synthesis_s": 0.0}
+        spent = {"frontend_s": 0.0, "t2s_s": 0.0, "sovits_s": 0.0, "synthesis_s": 0.0}
+        if self.memory_preset != "low":
+            t0 = time.perf_counter()
+            warm_up_frontend()
+            spent["frontend_s"] = time.perf_counter() - t0
         if not getattr(t2s, "compile_decode", False) and not getattr(sovits, "bucket_frames", 0):
             return spent
         prompt = self.prepare_voice(voice)

@@ -388,3 +388,16 @@ def test_non_finite_reference_and_overlong_reference_are_refused_before_use(tmp_
 def test_non_finite_audio_is_an_error_naming_its_source(engine):
     with pytest.raises(FloatingPointError, match="non-finite"):
         engine._chunk(np.array([0.0, np.inf], np.float32), 0, 0, True, {}, 0.0)
+
+
+def test_warm_up_loads_the_text_frontends_except_under_the_low_memory_preset(engine, monkeypatch):
+    """The first text with an English word loaded CMUdict, wordsegment and the OOV model in the request
+    (0.4 s on the H200 host: the node's first request was 1.5x its repeat); warm-up loads them on
+    every device, but not under MEMORY_PRESET=low, which keeps the ~160 MB for users who need it."""
+    voice = engine.registry.get("Doubao")
+    calls = []
+    monkeypatch.setattr("dora_primespeech_mlx.engine.warm_up_frontend", lambda: calls.append(1))
+    spent = engine.warm_up(voice)
+    assert calls == [1] and "frontend_s" in spent
+    monkeypatch.setattr(engine, "memory_preset", "low")
+    assert engine.warm_up(voice)["frontend_s"] == 0.0 and calls == [1]

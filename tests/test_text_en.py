@@ -164,3 +164,18 @@ def test_runs_offline_without_nltk_or_g2p_en_import():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)
+
+
+def test_warm_up_frontend_loads_every_lazy_table_in_a_fresh_process():
+    import subprocess
+    import sys
+
+    code = ("from dora_primespeech_mlx.text import english as en\n"
+            "from dora_primespeech_mlx.text.frontend import warm_up_frontend\n"
+            "names = ('_cmu', '_homographs', '_inflect', '_wordsegment', '_gru_weights')\n"
+            "assert all(getattr(en, n).cache_info().currsize == 0 for n in names)\n"
+            "warm_up_frontend()\n"
+            "print([n for n in names if getattr(en, n).cache_info().currsize != 1])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout

@@ -156,3 +156,57 @@ def test_batched_rows_use_the_kernels_and_keep_each_rows_tokens(monkeypatch):
     seeded = [r.tolist() for r in model.generate_batch(rows, top_k=5, seed=[1, 2, 3], max_new_tokens=40)]
     monkeypatch.setenv(dk.ENV_SWITCH, "0")
     assert [r.tolist() for r in model.generate_batch(rows, top_k=5, seed=[1, 2, 3], max_new_tokens=40)] == seeded
+
+
+def _matvec_contract(variant, eps, inputs, n, k, w_dtype, out_dtype, rows):
+    """What each kernel variant computes (its contract, with MLX ops), K/V written into the caller's
+    buffers in place as the kernel does: a CPU stand-in that checks how `fused_decode_logits` wires
+    the variants (norms, residuals, layer 0, head), which the CUDA tests then check for real."""
+    names, norm_x, _, norm_r = dk._VARIANTS[variant]
+    a = dict(zip(names, inputs))
+
+    def layer_norm(v, g, b):
+        mean = v.mean(-1, keepdims=True)
+        var = ((v - mean) ** 2).mean(-1, keepdims=True)
+        return (v - mean) * mx.rsqrt(var + eps) * g + b
+
+    x = a["x"].astype(mx.float32).reshape(rows, k)
+    if norm_x:
+        x = layer_norm(x, a["gx"], a["bx"])
+    y = x @ a["w"].astype(mx.float32).T
+    if "bias" in a:
+        y = y + a["bias"]
+    if variant.startswith("qkv"):
+        d = n // 3
+        kc, vc = a["kc"], a["vc"]
+        heads, hd = kc.shape[1], kc.shape[3]
+        for b, slot in enumerate(a["offsets"].tolist()):
+            kc[b, :, slot, :] = y[b, d:2 * d].reshape(heads, hd).astype(kc.dtype)
+            vc[b, :, slot, :] = y[b, 2 * d:].reshape(heads, hd).astype(vc.dtype)
+        return y[:, :d].astype(out_dtype)
+    if variant == "ffn1":
+        return mx.maximum(y, 0).astype(out_dtype)
+    if variant == "head":
+        return y
+    r = a["r"].astype(mx.float32)
+    return (y + (layer_norm(r, a["gr"], a["br"]) if norm_r else r)).astype(out_dtype)
+
+
+def test_the_step_wires_the_kernel_variants_as_the_layer_computes(monkeypatch):
+    """On any device: with every kernel replaced by its contract, one fused step (one row; three rows at
+    different slots) gives the MLX-op step's logits and K/V — the layer-0 input without a norm, each
+    later layer's input normalised by the previous norm2, norm1 between the halves, the head's norm."""
+    from dora_primespeech_mlx.models import attention_kernels as ak
+
+    monkeypatch.setattr(dk, "_matvec", _matvec_contract)
+    monkeypatch.setattr(dk, "single_query_attention",
+                        lambda q, k, v, lengths, scale, warps=None: ak.reference_attention(q, k, v, lengths, scale))
+    model = gpt()
+    for offsets, capacity in (([37], 64), ([0, 130, 63], 192)):
+        err, kv_err = dk._check_rows(model, offsets, capacity)
+        assert err < 1e-5 and kv_err < 1e-5, (offsets, err, kv_err)
+    # a wrong wiring is caught: the head without its norm
+    real = _matvec_contract
+    monkeypatch.setattr(dk, "_matvec", lambda v, eps, inputs, *a: real(v, eps, inputs, *a) if v != "head"
+                        else real("head", eps, [inputs[0], mx.ones_like(inputs[1]) * 2, inputs[2], inputs[3]], *a))
+    assert dk._check_rows(model, [37], 64)[0] > 1e-3

@@ -152,13 +152,13 @@ def test_warm_up_traces_every_row_count_and_block_so_decoding_never_traces(monke
 
     monkeypatch.setattr(batch_module, "COMPILE_BLOCK", 16)
     traces = []
-    original = batch_module._ScatterKVCache.__init__
+    original = batch_module.ScatterKVCache.__init__
 
     def counting_init(self, *args, **kwargs):  # built only while the compiled step is traced
         traces.append(args[0].shape)
         original(self, *args, **kwargs)
 
-    monkeypatch.setattr(batch_module._ScatterKVCache, "__init__", counting_init)
+    monkeypatch.setattr(batch_module.ScatterKVCache, "__init__", counting_init)
     model = random_model(seed=8)
     model.compile_decode = True
     sampling = batch_module.RowSampling(top_k=5)

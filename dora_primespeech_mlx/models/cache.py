@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-__all__ = ["KVCache", "ConcatKVCache", "make_cache", "COMPILE_BLOCK"]
+__all__ = ["KVCache", "ConcatKVCache", "ScatterKVCache", "make_cache", "COMPILE_BLOCK"]
 
 # compiled decode: fixed-capacity K/V buffers grow in buckets of this many positions (one re-trace
 # per bucket; t2s_generate's single-row loop and t2s_batch's rows)
@@ -80,6 +80,22 @@ class ConcatKVCache:
         """The arrays to evaluate together with a step's outputs."""
         if self.keys is None:
             return ()
+        return self.keys, self.values
+
+
+class ScatterKVCache:
+    """One layer's fixed-capacity (B, H, capacity, D) buffers in a batched decode step: each row writes
+    its new position at its own offset (`offsets` (B,)); the whole buffers come back, masked by the caller."""
+
+    def __init__(self, keys: mx.array, values: mx.array, offsets: mx.array, fused: bool = False):
+        self.keys, self.values, self.offsets = keys, values, offsets
+        self.fused_lengths = offsets + 1 if fused else None  # for the fused attention kernel
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        B, H, _, D = keys.shape
+        where = mx.broadcast_to(self.offsets[:, None, None, None], (B, H, 1, D))
+        self.keys = mx.put_along_axis(self.keys, where, keys, axis=2)
+        self.values = mx.put_along_axis(self.values, where, values, axis=2)
         return self.keys, self.values
 
 

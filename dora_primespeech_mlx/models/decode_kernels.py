@@ -40,6 +40,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .attention_kernels import HEAD_DIM, single_query_attention
+from .cache import ScatterKVCache
 
 __all__ = ["ENV_SWITCH", "fused_decode_available", "fused_decode_logits", "kernel_source", "self_check"]
 
@@ -286,8 +287,6 @@ def _supported(model) -> str | None:
 def _check_rows(model, offsets: list[int], capacity: int) -> tuple[float, float]:
     """(logits error relative to their magnitude, K/V error) of one fused step against the MLX-op step
     for rows at cache slots `offsets`, on random K/V buffers and embedded tokens."""
-    from .t2s_batch import _ScatterKVCache  # the batched reference step's cache (a sibling module)
-
     cfg = model.config
     dt = model.compute_dtype
     rows = len(offsets)
@@ -303,7 +302,7 @@ def _check_rows(model, offsets: list[int], capacity: int) -> tuple[float, float]
     mx.eval(fk, fv)
     got = fused_decode_logits(model, x, slots if rows > 1 else slots[0], fk, fv)
     mx.eval(got, fk, fv)
-    caches = [_ScatterKVCache(k, v, slots) for k, v in zip(base_k, base_v)]
+    caches = [ScatterKVCache(k, v, slots) for k, v in zip(base_k, base_v)]
     valid = (mx.arange(capacity)[None] <= slots[:, None])[:, None, None, :]
     want = model._head(model(x, valid, caches)[:, -1, :])
     mx.eval(want)

@@ -17,7 +17,8 @@ steps is a separate filter (`mask_token`) because it depends on the step index.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import mlx.core as mx
 
@@ -29,9 +30,10 @@ __all__ = [
     "apply_top_k",
     "logits_to_probs",
     "exponential_race",
-    "make_sampler",
     "seen_mask",
     "MIN_STEPS_BEFORE_EOS",
+    "RowSampling",
+    "sample_rows",
 ]
 
 _NEG_INF = float("-inf")
@@ -113,19 +115,59 @@ def exponential_race(probs: mx.array, key: mx.array | None = None) -> mx.array:
     return mx.argmax(probs / q, axis=-1).astype(mx.int32)
 
 
-def make_sampler(
-    *, top_k: int | None = 5, top_p: float = 1.0, temperature: float = 1.0
-) -> Callable[[mx.array, mx.array | None], mx.array]:
-    """A `sampler(penalised_logits (B, V), key) -> tokens (B,)` with upstream's filter order.
+@dataclass(frozen=True)
+class RowSampling:
+    """One row's sampling settings: `T2S.generate`'s keyword arguments."""
 
-    `top_k == 1` short-cuts to the argmax: upstream's draw over a one-hot distribution picks the
-    same token whatever the random numbers are.
-    """
-    if top_k == 1:
-        return lambda logits, key=None: mx.argmax(logits, axis=-1).astype(mx.int32)
+    top_k: int | None = 5
+    top_p: float = 1.0
+    temperature: float = 1.0
+    repetition_penalty: float = 1.35
 
-    def sampler(logits: mx.array, key: mx.array | None = None) -> mx.array:
-        probs = logits_to_probs(logits, top_k=top_k, top_p=top_p, temperature=temperature)
-        return exponential_race(probs, key)
+    def key(self) -> tuple:
+        return (self.top_k, self.top_p, self.temperature, self.repetition_penalty)
 
-    return sampler
+
+def sample_rows(logits: mx.array, seen: mx.array, keys: list[mx.array], eos_allowed: mx.array,
+                 rows: Sequence[RowSampling], eos: int) -> tuple[mx.array, mx.array, list[mx.array]]:
+    """Per-row sampling of `logits` (B, V): repetition penalty, the EOS mask where `eos_allowed` (B,) is
+    false, upstream's filters, then an exponential race over each row's own uniforms (or the argmax
+    for top-k 1); `stop` is true where the penalised argmax or the sample is EOS. Rows with equal
+    settings are filtered together. The single-row decode (`T2S`) and the batched one both sample here.
+    Returns tokens (B,), stop flags (B,) and the rows' next keys."""
+    B = logits.shape[0]
+    penalised = [None] * B
+    tokens = [None] * B
+    new_keys = []
+    subs = []
+    for key in keys:
+        key, sub = mx.random.split(key)
+        new_keys.append(key)
+        subs.append(sub)
+    groups: dict[tuple, list[int]] = {}
+    for b, settings in enumerate(rows):
+        groups.setdefault(settings.key(), []).append(b)
+    for (top_k, top_p, temperature, penalty), members in groups.items():
+        idx = mx.array(members)
+        part = logits if len(members) == B else logits[idx]
+        part_seen = seen if len(members) == B else seen[idx]
+        part = apply_repetition_penalty(part, part_seen, penalty)
+        allowed = eos_allowed if len(members) == B else eos_allowed[idx]
+        part = mx.where(allowed[:, None], part, mask_token(part, eos))
+        if top_k == 1:
+            drawn = mx.argmax(part, axis=-1).astype(mx.int32)
+        else:
+            probs = logits_to_probs(part, top_k=top_k, top_p=top_p, temperature=temperature)
+            u = mx.concatenate([mx.random.uniform(shape=(1, part.shape[-1]), key=subs[b]) for b in members])
+            drawn = mx.argmax(probs / -mx.log(u), axis=-1).astype(mx.int32)
+        if len(members) == B:  # one group (the usual case): no per-row slices to put back together
+            penalised_all, token = part, drawn
+            break
+        for j, b in enumerate(members):
+            penalised[b] = part[j]
+            tokens[b] = drawn[j]
+    else:
+        penalised_all = mx.stack(penalised)
+        token = mx.stack(tokens)
+    stop = mx.logical_or(mx.argmax(penalised_all, axis=-1) == eos, token == eos)
+    return token, stop, new_keys

@@ -20,34 +20,20 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
 
 from ..constants import MAX_DECODE_STEPS
-from .cache import COMPILE_BLOCK, make_cache
+from .cache import COMPILE_BLOCK, ScatterKVCache, make_cache
 from .decode_kernels import fused_decode_available, fused_decode_logits
-from .sample_utils import MIN_STEPS_BEFORE_EOS, apply_repetition_penalty, logits_to_probs, mask_token, seen_mask
+from .sample_utils import MIN_STEPS_BEFORE_EOS, RowSampling, sample_rows, seen_mask
 
 __all__ = ["BatchDecoder", "RowSampling", "BatchStep", "MAX_BATCH_STEPS"]
 
 # compiled batched steps kept per model (one per row-settings tuple), least recently used dropped
 MAX_BATCH_STEPS = 16
-
-
-@dataclass(frozen=True)
-class RowSampling:
-    """One row's sampling settings: `T2S.generate`'s keyword arguments."""
-
-    top_k: int | None = 5
-    top_p: float = 1.0
-    temperature: float = 1.0
-    repetition_penalty: float = 1.35
-
-    def key(self) -> tuple:
-        return (self.top_k, self.top_p, self.temperature, self.repetition_penalty)
 
 
 @dataclass(frozen=True)
@@ -69,64 +55,6 @@ class _Row:
     index: int = 0  # the step whose sample is pending
     length: int = 0  # cache slots written (the next write goes to slot `length`)
     extra: dict = field(default_factory=dict)
-
-
-def _sample_rows(logits: mx.array, seen: mx.array, keys: list[mx.array], eos_allowed: mx.array,
-                 rows: Sequence[RowSampling], eos: int) -> tuple[mx.array, mx.array, list[mx.array]]:
-    """Per-row sampling of `logits` (B, V) exactly as `T2S._sample_fn` does for one row: penalty, EOS
-    mask, filters, then an exponential race over each row's own uniforms. Rows with equal settings
-    are filtered together. Returns tokens (B,), stop flags (B,) and the rows' next keys."""
-    B = logits.shape[0]
-    penalised = [None] * B
-    tokens = [None] * B
-    new_keys = []
-    subs = []
-    for key in keys:
-        key, sub = mx.random.split(key)
-        new_keys.append(key)
-        subs.append(sub)
-    groups: dict[tuple, list[int]] = {}
-    for b, settings in enumerate(rows):
-        groups.setdefault(settings.key(), []).append(b)
-    for (top_k, top_p, temperature, penalty), members in groups.items():
-        idx = mx.array(members)
-        part = logits if len(members) == B else logits[idx]
-        part_seen = seen if len(members) == B else seen[idx]
-        part = apply_repetition_penalty(part, part_seen, penalty)
-        allowed = eos_allowed if len(members) == B else eos_allowed[idx]
-        part = mx.where(allowed[:, None], part, mask_token(part, eos))
-        if top_k == 1:
-            drawn = mx.argmax(part, axis=-1).astype(mx.int32)
-        else:
-            probs = logits_to_probs(part, top_k=top_k, top_p=top_p, temperature=temperature)
-            u = mx.concatenate([mx.random.uniform(shape=(1, part.shape[-1]), key=subs[b]) for b in members])
-            drawn = mx.argmax(probs / -mx.log(u), axis=-1).astype(mx.int32)
-        if len(members) == B:  # one group (the usual case): no per-row slices to put back together
-            penalised_all, token = part, drawn
-            break
-        for j, b in enumerate(members):
-            penalised[b] = part[j]
-            tokens[b] = drawn[j]
-    else:
-        penalised_all = mx.stack(penalised)
-        token = mx.stack(tokens)
-    stop = mx.logical_or(mx.argmax(penalised_all, axis=-1) == eos, token == eos)
-    return token, stop, new_keys
-
-
-class _ScatterKVCache:
-    """One layer's (B, H, capacity, D) buffers; each row writes its new position at its own offset."""
-
-    def __init__(self, keys: mx.array, values: mx.array, offsets: mx.array, fused: bool = False):
-        self.keys, self.values, self.offsets = keys, values, offsets
-        self.fused_lengths = offsets + 1 if fused else None  # for the fused attention kernel
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        B, H, _, D = keys.shape
-        where = mx.broadcast_to(self.offsets[:, None, None, None], (B, H, 1, D))
-        self.keys = mx.put_along_axis(self.keys, where, keys, axis=2)
-        self.values = mx.put_along_axis(self.values, where, values, axis=2)
-        return self.keys, self.values
 
 
 def _grow(buf: mx.array, capacity: int) -> mx.array:
@@ -178,7 +106,7 @@ class BatchDecoder:
         prompt = np.asarray(prompt_tokens if prompt_tokens is not None else [], dtype=np.int32)
         seen = seen_mask(mx.array(prompt), cfg.vocab_size)[None]
         rng = mx.random.key(secrets.randbits(63) if seed is None else int(seed))
-        token, stop, (rng,) = _sample_rows(logits, seen, [rng], mx.array([False]), [settings], cfg.EOS)
+        token, stop, (rng,) = sample_rows(logits, seen, [rng], mx.array([False]), [settings], cfg.EOS)
         packed = mx.stack([token, stop.astype(mx.int32)], axis=1)  # (1, 2)
         model.ar_audio_position.table(length - n_text + n_steps)
 
@@ -292,12 +220,12 @@ class BatchDecoder:
             if fused:
                 logits = fused_decode_logits(model, x, offsets, keys, values)
             else:
-                caches = [_ScatterKVCache(k, v, offsets, getattr(model, "fused_attention", False))
+                caches = [ScatterKVCache(k, v, offsets, getattr(model, "fused_attention", False))
                           for k, v in zip(keys, values)]
                 valid = (mx.arange(keys[0].shape[2])[None] <= offsets[:, None])[:, None, None, :]
                 logits = model._head(model(x, valid, caches)[:, -1, :])
                 keys, values = [c.keys for c in caches], [c.values for c in caches]
-            token, stop, rng = _sample_rows(logits, seen, rng, eos_allowed, settings, cfg.EOS)
+            token, stop, rng = sample_rows(logits, seen, rng, eos_allowed, settings, cfg.EOS)
             packed = mx.stack([token, stop.astype(mx.int32)], axis=1)
             return token, packed, seen, rng, keys, values
 

@@ -38,7 +38,7 @@ import numpy as np
 from ..constants import MAX_DECODE_STEPS
 from .cache import COMPILE_BLOCK, make_cache
 from .decode_kernels import fused_decode_available, fused_decode_logits
-from .sample_utils import MIN_STEPS_BEFORE_EOS, apply_repetition_penalty, make_sampler, mask_token, seen_mask
+from .sample_utils import MIN_STEPS_BEFORE_EOS, RowSampling, sample_rows, seen_mask
 from .t2s import T2SConfig, T2SGraph
 from .t2s_batch import BatchDecoder
 
@@ -182,23 +182,18 @@ class T2S(T2SGraph):
     # ------------------------------------------------------------------------------ decode internals
 
     def _sample_fn(self, top_k: int | None, top_p: float, temperature: float, repetition_penalty: float):
-        """`sample(logits (1, V), seen (V,), key, eos_allowed) -> (token (1,), packed (2,), key)`.
+        """`sample(logits (1, V), seen (V,), key, eos_allowed) -> (token (1,), packed (2,), key)`:
+        `sample_rows` for one row (the batched decoder's sampling).
 
         `eos_allowed` is a Python bool (eager) or a bool array (traced). `packed` holds the token and
         the stop flag, so the loop reads both with a single host sync.
         """
         eos = self.config.EOS
-        sampler = make_sampler(top_k=top_k, top_p=top_p, temperature=temperature)
+        row = RowSampling(top_k, top_p, temperature, repetition_penalty)
 
         def sample(logits: mx.array, seen: mx.array, key: mx.array, eos_allowed):
-            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-            if isinstance(eos_allowed, mx.array):
-                logits = mx.where(eos_allowed, logits, mask_token(logits, eos))
-            elif not eos_allowed:
-                logits = mask_token(logits, eos)
-            key, sub = mx.random.split(key)
-            token = sampler(logits, sub)  # (1,)
-            stop = mx.logical_or(mx.argmax(logits, axis=-1) == eos, token == eos)
+            allowed = (eos_allowed if isinstance(eos_allowed, mx.array) else mx.array(bool(eos_allowed))).reshape(1)
+            token, stop, (key,) = sample_rows(logits, seen[None], [key], allowed, [row], eos)
             return token, mx.concatenate([token, stop.astype(mx.int32)]), key
 
         sample.settings = (top_k, top_p, temperature, repetition_penalty)

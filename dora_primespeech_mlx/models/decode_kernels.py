@@ -1,4 +1,5 @@
-"""The GPT's single-row decode step as five custom GPU kernels per layer instead of ~19 MLX ops.
+"""The GPT's decode step (one row or a batch of rows) as five custom GPU kernels per layer instead of
+~19 MLX ops.
 
 Why: one decode step is launch-bound, not bandwidth-bound (docs/performance.md: MLX's CUDA backend
 costs 4-9 µs per kernel whatever its size, and a step of ~456 kernels is ~4 ms while reading the
@@ -19,10 +20,12 @@ the summation order inside each dot product differs from MLX's matmuls (fp32 acc
 agree within ~1e-5 and greedy tokens are identical (tests/test_decode_kernels.py on the GPU host).
 
 The K/V write is in place: the kernel writes into buffers MLX sees as inputs. That is sound here
-because the step owns those buffers (made by `_fit_capacity`, never shared), the attention that reads
-them depends on the kernel's Q output, and the next step's write depends on this step's token, so
-every read and write is ordered on the stream. `ensure_row_contiguous` would copy a non-contiguous
-buffer and lose the write, so `fused_decode_logits` refuses such buffers.
+because the decode loop owns those buffers (made by concatenation or row selection: `_fit_capacity`
+in t2s_generate, `_grow` and the row bookkeeping in t2s_batch; never shared, never a slice view), the
+attention that reads them depends on the kernel's Q output, and the next step's write depends on this
+step's token, so every read and write is ordered on the stream. A buffer that is not row-contiguous
+would be copied by MLX before the kernel (`ensure_row_contiguous`) and the write lost, which is why
+the callers make fresh buffers; the GPU tests cross a capacity re-fit and compare every token.
 
 CUDA only (MLX's `mx.fast.cuda_kernel`); used after `self_check` matched the MLX-op step on random
 inputs on this device, else a WARNING and the MLX ops. Metal keeps the MLX ops: nothing here has been

@@ -361,8 +361,9 @@ class Engine:
         longer windows than one 160-frame bucket), the window's bucket last; then one whole request of
         a typical sentence through the same path (`streaming`, `options`; measured on the H200: a
         2-token synthesis left the first real request ~1.3x slower than its repeat). On every device,
-        the text frontends' lazy tables are loaded (the first text with an English word paid 0.4 s on
-        the H200's host, 0.6 s here), except under `MEMORY_PRESET=low` (they hold ~160 MB). Returns
+        the text frontends' lazy tables are loaded (for a voice whose transcript has no English, the
+        first text with an English word paid 0.6 s on a 2-core CPU), except under `MEMORY_PRESET=low`
+        (they hold ~160 MB). Returns
         seconds per part (0 for what there was nothing to warm: the GPT and SoVITS on the CPU)."""
         options = options or SynthesisOptions()
         t2s, sovits = self.voice_models(voice)

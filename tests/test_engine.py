@@ -391,8 +391,8 @@ def test_non_finite_audio_is_an_error_naming_its_source(engine):
 
 
 def test_warm_up_loads_the_text_frontends_except_under_the_low_memory_preset(engine, monkeypatch):
-    """The first text with an English word loaded CMUdict, wordsegment and the OOV model in the request
-    (0.4 s on the H200 host: the node's first request was 1.5x its repeat); warm-up loads them on
+    """For a voice whose transcript has no English, the first text with an English word loaded CMUdict,
+    wordsegment and the OOV model inside the request (0.6 s on a 2-core CPU); warm-up loads them on
     every device, but not under MEMORY_PRESET=low, which keeps the ~160 MB for users who need it."""
     voice = engine.registry.get("Doubao")
     calls = []

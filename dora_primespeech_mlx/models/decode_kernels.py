@@ -342,13 +342,12 @@ def self_check(model, tol: float = 1e-4) -> bool:
 def fused_decode_available(model, rows: int = 1) -> bool:
     """True when a decode step of `rows` rows may use the fused kernels: CUDA, a supported model, the
     rows' normalised inputs fit shared memory, and `self_check` passed for this model at its current
-    precision (checked once, cached on the model)."""
-    if _supported(model) is not None or not 1 <= rows <= MAX_ROWS:
-        return False
-    if rows * model.config.hidden_dim * 4 > SHARED_BYTES:
+    precision. The decision is cached on the model per switch, device and precision: the batched
+    decoder asks at every step, and `_supported`'s module scan alone costs ~0.5 ms."""
+    if not 1 <= rows <= MAX_ROWS or rows * model.config.hidden_dim * 4 > SHARED_BYTES:
         return False
     cache = model.__dict__.setdefault("_fused_decode_checked", {})
-    key = str(model.compute_dtype)
+    key = (os.environ.get(ENV_SWITCH, "1"), str(mx.default_device()), model.precision, str(model.compute_dtype))
     if key not in cache:
-        cache[key] = self_check(model)
+        cache[key] = _supported(model) is None and self_check(model)
     return cache[key]

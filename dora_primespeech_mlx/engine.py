@@ -363,8 +363,8 @@ class Engine:
         2-token synthesis left the first real request ~1.3x slower than its repeat). On every device,
         the text frontends' lazy tables are loaded (for a voice whose transcript has no English, the
         first text with an English word paid 0.6 s on a 2-core CPU), except under `MEMORY_PRESET=low`
-        (they hold ~160 MB). Returns
-        seconds per part (0 for what there was nothing to warm: the GPT and SoVITS on the CPU)."""
+        (they hold ~160 MB). Returns seconds per part (0 for what there was nothing to warm: the GPT
+        and SoVITS on the CPU)."""
         options = options or SynthesisOptions()
         t2s, sovits = self.voice_models(voice)
         spent = {"frontend_s": 0.0, "t2s_s": 0.0, "sovits_s": 0.0, "synthesis_s": 0.0}

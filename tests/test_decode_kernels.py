@@ -162,7 +162,8 @@ def _matvec_contract(variant, eps, inputs, n, k, w_dtype, out_dtype, rows):
     """What each kernel variant computes (its contract, with MLX ops), K/V written into the caller's
     buffers in place as the kernel does: a CPU stand-in that checks how `fused_decode_logits` wires
     the variants (norms, residuals, layer 0, head), which the CUDA tests then check for real."""
-    names, norm_x, _, norm_r = dk._VARIANTS[variant]
+    names = dk._VARIANTS[variant]
+    norm_x, norm_r = "gx" in names, "gr" in names
     a = dict(zip(names, inputs))
 
     def layer_norm(v, g, b):

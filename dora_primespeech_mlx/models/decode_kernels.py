@@ -95,15 +95,16 @@ __device__ __forceinline__ void dpm_moments(const V* src, int n, float eps, floa
 }
 """
 
-# variant -> (inputs, has input LayerNorm, has residual, residual normalised, epilogue)
+# variant -> its inputs; "gx"/"bx" = the input is normalised in the prologue, "r" = a residual is
+# added, "gr"/"br" = the residual is normalised first, "kc"/"vc"/"offsets" = K/V go to the cache
 _VARIANTS = {
-    "qkv": (["x", "gx", "bx", "w", "bias", "kc", "vc", "offsets"], True, False, False),
-    "qkv0": (["x", "w", "bias", "kc", "vc", "offsets"], False, False, False),
-    "out": (["x", "w", "bias", "r", "gr", "br"], False, True, True),
-    "out0": (["x", "w", "bias", "r"], False, True, False),
-    "ffn1": (["x", "gx", "bx", "w", "bias"], True, False, False),
-    "ffn2": (["x", "w", "bias", "r", "gr", "br"], False, True, True),
-    "head": (["x", "gx", "bx", "w"], True, False, False),
+    "qkv": ["x", "gx", "bx", "w", "bias", "kc", "vc", "offsets"],
+    "qkv0": ["x", "w", "bias", "kc", "vc", "offsets"],
+    "out": ["x", "w", "bias", "r", "gr", "br"],
+    "out0": ["x", "w", "bias", "r"],
+    "ffn1": ["x", "gx", "bx", "w", "bias"],
+    "ffn2": ["x", "w", "bias", "r", "gr", "br"],
+    "head": ["x", "gx", "bx", "w"],
 }
 
 
@@ -111,7 +112,8 @@ def kernel_source(variant: str, eps: float) -> tuple[list[str], str]:
     """(input names, kernel body) of one variant. Template arguments: `T` (weights and K/V), `K`
     (input length), `N` (output rows), `B` (batch rows: `x` is (B, K), `r` and the output (B, N)),
     `STAGE` (copy `x` to shared memory; always for a normalised `x`)."""
-    inputs, norm_x, resid, norm_r = _VARIANTS[variant]
+    inputs = _VARIANTS[variant]
+    norm_x, norm_r = "gx" in inputs, "gr" in inputs
     eps_literal = f"{float(eps)!r}f"
     lines = [
         "__shared__ __align__(16) float xs[STAGE ? B * K : 4];",
@@ -222,7 +224,7 @@ def _matvec(variant: str, eps: float, inputs: list[mx.array], n: int, k: int, w_
     threads = 32 * ROWS_PER_BLOCK
     blocks = -(-n // ROWS_PER_BLOCK)
     size = n // 3 if variant.startswith("qkv") else n  # qkv: only Q goes out (K/V go to the cache)
-    stage = _VARIANTS[variant][1] or rows * k * 4 <= SHARED_BYTES
+    stage = "gx" in _VARIANTS[variant] or rows * k * 4 <= SHARED_BYTES
     (out,) = _kernel(variant, eps)(
         inputs=inputs, template=[("T", w_dtype), ("K", k), ("N", n), ("B", rows), ("STAGE", stage)],
         grid=(blocks * threads, 1, 1), threadgroup=(threads, 1, 1), output_shapes=[(rows, size)],
@@ -246,20 +248,14 @@ def fused_decode_logits(model, x: mx.array, offsets: mx.array, keys: list[mx.arr
     norm = None  # (gamma, beta) of the norm that turns `h` into the layer input; None for layer 0
     for layer, kc, vc in zip(model.h.layers, keys, values):
         attn = layer.self_attn
-        if norm is None:
-            q = _matvec("qkv0", eps, [h, attn.in_proj.weight, attn.in_proj.bias, kc, vc, offsets], 3 * d, d, dt, dt,
-                        rows)
-        else:
-            q = _matvec("qkv", eps, [h, *norm, attn.in_proj.weight, attn.in_proj.bias, kc, vc, offsets],
-                        3 * d, d, dt, dt, rows)
+        first = norm is None  # layer 0: its input is the embedding itself, not a norm's output
+        pre = () if first else norm
+        q = _matvec("qkv0" if first else "qkv", eps, [h, *pre, attn.in_proj.weight, attn.in_proj.bias, kc, vc, offsets],
+                    3 * d, d, dt, dt, rows)
         ctx = single_query_attention(q.reshape(rows, cfg.head, 1, HEAD_DIM), kc, vc, lengths, attn.scale,
                                      warps=ATTENTION_WARPS).reshape(rows, d)
-        if norm is None:
-            h1 = _matvec("out0", eps, [ctx, attn.out_proj.weight, attn.out_proj.bias, h], d, d, dt, mx.float32,
-                         rows)
-        else:
-            h1 = _matvec("out", eps, [ctx, attn.out_proj.weight, attn.out_proj.bias, h, *norm], d, d, dt,
-                         mx.float32, rows)
+        h1 = _matvec("out0" if first else "out", eps, [ctx, attn.out_proj.weight, attn.out_proj.bias, h, *pre],
+                     d, d, dt, mx.float32, rows)
         norm1 = (layer.norm1.weight, layer.norm1.bias)
         m = _matvec("ffn1", eps, [h1, *norm1, layer.linear1.weight, layer.linear1.bias], cfg.ffn_dim, d, dt, dt,
                     rows)
@@ -282,9 +278,7 @@ def _supported(model) -> str | None:
         return f"compute dtype {model.compute_dtype}"
     if any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
         return "quantised weights"
-    if cfg.hidden_dim * 4 > SHARED_BYTES:
-        return "a hidden size past the kernels' shared-memory buffer"
-    return None
+    return None  # sizes: fused_decode_available checks the rows' inputs against the shared memory
 
 
 def _check_rows(model, offsets: list[int], capacity: int) -> tuple[float, float]:

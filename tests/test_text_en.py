@@ -167,9 +167,6 @@ def test_runs_offline_without_nltk_or_g2p_en_import():
 
 
 def test_warm_up_frontend_loads_every_lazy_table_in_a_fresh_process():
-    import subprocess
-    import sys
-
     code = ("from dora_primespeech_mlx.text import english as en\n"
             "from dora_primespeech_mlx.text.frontend import warm_up_frontend\n"
             "names = ('_cmu', '_homographs', '_inflect', '_wordsegment', '_gru_weights')\n"

@@ -133,13 +133,14 @@ def text_to_phone_segments(text: str, language: str = "auto", include_space: boo
 
 
 # Chinese with English, a number, a compound and a made-up word: loads every table the frontends read
-# lazily (jieba, pypinyin, CMUdict, names, homographs, inflect, wordsegment, the out-of-vocabulary GRU)
+# lazily (jieba, pypinyin, CMUdict, homographs, inflect, wordsegment, the out-of-vocabulary GRU)
 WARM_UP_TEXT_MIXED = "你好，GPT-SoVITS reads 3 words like primespeech and zorblax today。"
 
 
 def warm_up_frontend() -> None:
     """Load the frontends' lazy tables now rather than in the first request that needs them (the
-    English ones cost ~0.4-1 s and ~160 MB, paid by the first text with an English word)."""
+    English ones cost ~0.6 s on a 2-core CPU and ~160 MB, paid by the first text with an English word
+    unless the voice's transcript had one)."""
     text_to_phone_segments(WARM_UP_TEXT_MIXED, "auto")
 
 

@@ -54,7 +54,7 @@ def load_inputs(path: str | None):
 def child_decode(args, model_path) -> dict:
     import mlx.core as mx
 
-    from dora_primespeech_mlx.models.decode_kernels import ENV_SWITCH, fused_decode_available
+    from dora_primespeech_mlx.models.decode_kernels import ENV_SWITCH, fused_decode_mode
     from dora_primespeech_mlx.models.t2s_io import load_t2s
 
     out = {}
@@ -63,17 +63,22 @@ def child_decode(args, model_path) -> dict:
     for precision in args.precisions:
         model = load_t2s(model_path, precision=precision)
         fused_ok = model.fused_attention
-        # (name, compiled, fused attention only, fused decode kernels): "compiled" is the default path
-        variants = [("eager", False, False, False), ("compiled", True, False, True)]
-        if fused_decode_available(model):
-            variants.append(("compiled/mlx-ops", True, False, False))
+        # (name, compiled, fused attention only, $DPM_FUSED_DECODE): "compiled" is the default path
+        # (the persistent kernel where it passed its check, else five kernels per layer, else MLX's ops)
+        variants = [("eager", False, False, "0"), ("compiled", True, False, "1")]
+        mode = fused_decode_mode(model)
+        out[f"{precision}/decode_path"] = mode or "mlx-ops"
+        if mode == "persistent":
+            variants.append(("compiled/kernels", True, False, "kernels"))
+        if mode is not None:
+            variants.append(("compiled/mlx-ops", True, False, "0"))
         if fused_ok:
-            variants.append(("compiled+fused-attention", True, True, False))
-        for name, compiled, fused, fused_decode in variants:
+            variants.append(("compiled+fused-attention", True, True, "0"))
+        for name, compiled, fused, switch in variants:
             if args.variants and name not in args.variants:
                 continue
             model.fused_attention = fused
-            os.environ[ENV_SWITCH] = "1" if fused_decode else "0"
+            os.environ[ENV_SWITCH] = switch
             t0 = time.perf_counter()
             time_decode(model, inputs, args.tokens, compiled)  # warm-up: traces every block
             first_call_s = time.perf_counter() - t0

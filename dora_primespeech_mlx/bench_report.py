@@ -85,7 +85,7 @@ def time_decode(model, inputs, tokens: int, compiled: bool) -> dict:
 
 def decode_report(gpt_path, *, tokens: int = 150, runs: int = 3, precisions=("fp32", "fp16")) -> dict:
     """Decode ms/token per precision and mode, and batched tokens/s for 1 and 8 rows (fp32)."""
-    from .models.decode_kernels import fused_decode_available
+    from .models.decode_kernels import fused_decode_mode
     from .models.t2s_io import load_t2s
 
     inputs = decode_inputs()
@@ -93,7 +93,8 @@ def decode_report(gpt_path, *, tokens: int = 150, runs: int = 3, precisions=("fp
     for precision in precisions:
         model = load_t2s(gpt_path, precision=precision)
         # what the compiled step runs: the fused decode kernels (CUDA, after their self-check) or MLX's ops
-        out[f"decode_path_{precision}"] = "fused-kernels" if fused_decode_available(model) else "mlx-ops"
+        mode = fused_decode_mode(model)
+        out[f"decode_path_{precision}"] = {"persistent": "persistent-kernel", "kernels": "fused-kernels"}.get(mode, "mlx-ops")
         for mode, compiled in (("eager", False), ("compiled", True)):
             time_decode(model, inputs, tokens, compiled)  # untimed: traces the compiled step
             out[f"decode_ms_per_token_{precision}_{mode}"] = round(statistics.median(

@@ -47,7 +47,7 @@ while [ $# -gt 0 ]; do
         --tokens 300 --repeats 5 --dtype fp32 fp16 --modes graph --tqdm off --save-inputs "$OUT/t2s_inputs.npz" \
         --json "$OUT/upstream_cudagraph.json" 2> "$OUT/upstream_stderr.txt" | tail -30) || tail -20 "$OUT/upstream_stderr.txt" ;;
     ktest) # the fused-kernel and batched-decode tests on the GPU, from the working tree
-      (cd "$ROOT" && PYTHONPATH="$ROOT:$SITE" python3 -m pytest -q -p no:cacheprovider tests/test_attention_kernel.py tests/test_decode_kernels.py \
+      (cd "$ROOT" && PYTHONPATH="$ROOT:$SITE" python3 -m pytest -q -p no:cacheprovider tests/test_attention_kernel.py tests/test_decode_kernels.py tests/test_decode_persistent.py \
         tests/test_t2s_batch.py > "$OUT/ktest.log" 2>&1; tail -5 "$OUT/ktest.log") ;;
     sched) # concurrent requests sharing decode steps (engine_scheduler): its tests, then the benchmark on the smoke voice
       (cd "$ROOT" && PYTHONPATH="$ROOT:$SITE" python3 -m pytest -q -p no:cacheprovider tests/test_engine_scheduler.py \

@@ -31,6 +31,11 @@ CUDA only (MLX's `mx.fast.cuda_kernel`); used after `self_check` matched the MLX
 inputs on this device, else a WARNING and the MLX ops. Metal keeps the MLX ops: nothing here has been
 measured on an Apple GPU, where the step is bound by reading weights rather than by launches.
 `DPM_FUSED_DECODE=0` turns it off.
+
+Where it can, the step goes one further: `decode_persistent` runs every layer and the head in ONE
+kernel (grid-wide barriers between the phases these five kernels separate). `fused_decode_mode` says
+which path a step takes: "persistent", else "kernels" (these five per layer), else None (MLX's ops);
+each path is used only after its own self-check. `DPM_FUSED_DECODE=kernels` skips the persistent one.
 """
 
 from __future__ import annotations
@@ -43,9 +48,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .attention_kernels import HEAD_DIM, single_query_attention
+from . import decode_persistent
 from .cache import ScatterKVCache
 
-__all__ = ["ENV_SWITCH", "fused_decode_available", "fused_decode_logits", "kernel_source", "self_check"]
+__all__ = ["ENV_SWITCH", "fused_decode_available", "fused_decode_logits", "fused_decode_mode", "kernel_source",
+           "self_check"]
 
 logger = logging.getLogger(__name__)
 
@@ -233,10 +240,14 @@ def _matvec(variant: str, eps: float, inputs: list[mx.array], n: int, k: int, w_
 
 
 def fused_decode_logits(model, x: mx.array, offsets: mx.array, keys: list[mx.array],
-                        values: list[mx.array]) -> mx.array:
+                        values: list[mx.array], mode: str = "kernels") -> mx.array:
     """Logits (B, V) float32 of one decode step for the embedded tokens `x` (B, 1, D), row b at cache
     slot `offsets[b]` (int32 (B,), or a scalar for one row); writes the step's K/V into `keys`/`values`
-    (each (B, H, capacity, 32), row-contiguous, owned by the caller) at those slots."""
+    (each (B, H, capacity, 32), row-contiguous, owned by the caller) at those slots. `mode`
+    "persistent": one kernel for the whole step (`decode_persistent`); "kernels": five per layer."""
+    if mode == "persistent":
+        rows = x.shape[0]
+        return decode_persistent.persistent_logits(model, x, offsets.reshape(rows), keys, values)
     cfg = model.config
     eps = cfg.layer_norm_eps
     d = cfg.hidden_dim
@@ -281,7 +292,7 @@ def _supported(model) -> str | None:
     return None  # sizes: fused_decode_available checks the rows' inputs against the shared memory
 
 
-def _check_rows(model, offsets: list[int], capacity: int) -> tuple[float, float]:
+def _check_rows(model, offsets: list[int], capacity: int, mode: str = "kernels") -> tuple[float, float]:
     """(logits error relative to their magnitude, K/V error) of one fused step against the MLX-op step
     for rows at cache slots `offsets`, on random K/V buffers and embedded tokens."""
     cfg = model.config
@@ -297,7 +308,7 @@ def _check_rows(model, offsets: list[int], capacity: int) -> tuple[float, float]
     fk = [k + 0 for k in base_k]
     fv = [v + 0 for v in base_v]
     mx.eval(fk, fv)
-    got = fused_decode_logits(model, x, slots if rows > 1 else slots[0], fk, fv)
+    got = fused_decode_logits(model, x, slots if rows > 1 else slots[0], fk, fv, mode)
     mx.eval(got, fk, fv)
     caches = [ScatterKVCache(k, v, slots) for k, v in zip(base_k, base_v)]
     valid = (mx.arange(capacity)[None] <= slots[:, None])[:, None, None, :]
@@ -311,37 +322,55 @@ def _check_rows(model, offsets: list[int], capacity: int) -> tuple[float, float]
     return err, kv_err
 
 
-def self_check(model, tol: float = 1e-4) -> bool:
-    """Run fused steps against the MLX-op steps of `model` (one row; three rows at different slots)
-    on random caches and tokens; True when the logits agree within `tol` (relative to their
+_MODE_NAMES = {"kernels": "fused decode kernels", "persistent": "the persistent decode kernel"}
+
+
+def self_check(model, tol: float = 1e-4, mode: str = "kernels") -> bool:
+    """Run fused steps (`mode`) against the MLX-op steps of `model` (one row; three rows at different
+    slots) on random caches and tokens; True when the logits agree within `tol` (relative to their
     magnitude) and the K/V buffers match after the write. Errors and mismatches log a WARNING."""
+    what = _MODE_NAMES[mode]
+    fallback = "the fused decode kernels" if mode == "persistent" else "MLX's ops"
     try:
-        err, kv_err = _check_rows(model, [37], 64)
-        err3, kv_err3 = _check_rows(model, [0, 130, 63], 192)
+        err, kv_err = _check_rows(model, [37], 64, mode)
+        err3, kv_err3 = _check_rows(model, [0, 130, 63], 192, mode)
         err, kv_err = max(err, err3), max(kv_err, kv_err3)
-    except Exception as exc:  # noqa: BLE001 - any failure means: use the MLX ops
-        logger.warning("fused decode kernels failed their self-check (%s: %s); decoding with MLX's ops",
-                       type(exc).__name__, str(exc)[:300])
+    except Exception as exc:  # noqa: BLE001 - any failure means: the next path down
+        logger.warning("%s failed its self-check (%s: %s); decoding with %s", what, type(exc).__name__,
+                       str(exc)[:300], fallback)
         return False
     fp32 = model.compute_dtype == mx.float32
     step_tol, kv_tol = (tol, 1e-4) if fp32 else (5e-2, 2e-2)
-    if not (err <= step_tol and kv_err <= kv_tol):
-        logger.warning("fused decode kernels differ from MLX's ops on this device (logits %.2e, K/V %.2e); "
-                       "decoding with MLX's ops", err, kv_err)
+    if not (err <= step_tol and kv_err <= kv_tol):  # NaN (a kernel that gave up at a barrier) fails too
+        logger.warning("%s differs from MLX's ops on this device (logits %.2e, K/V %.2e); decoding with %s",
+                       what, err, kv_err, fallback)
         return False
-    logger.info("fused decode kernels checked on %s: logits %.2e, K/V %.2e", mx.default_device(), err, kv_err)
+    logger.info("%s checked on %s: logits %.2e, K/V %.2e", what, mx.default_device(), err, kv_err)
     return True
 
 
-def fused_decode_available(model, rows: int = 1) -> bool:
-    """True when a decode step of `rows` rows may use the fused kernels: CUDA, a supported model, the
-    rows' normalised inputs fit shared memory, and `self_check` passed for this model at its current
-    precision. The decision is cached on the model per switch, device and precision: the batched
-    decoder asks at every step, and `_supported`'s module scan alone costs ~0.5 ms."""
+def fused_decode_mode(model, rows: int = 1) -> str | None:
+    """Which fused path a decode step of `rows` rows takes on this device: "persistent" (one kernel,
+    `decode_persistent`), "kernels" (five per layer) or None (MLX's ops). A path needs CUDA, a
+    supported model, rows that fit its shared memory, and its self-check passed for this model at its
+    current precision. The decisions are cached on the model per switch, device and precision: the
+    batched decoder asks at every step, and `_supported`'s module scan alone costs ~0.5 ms."""
     if not 1 <= rows <= MAX_ROWS or rows * model.config.hidden_dim * 4 > SHARED_BYTES:
-        return False
+        return None
     cache = model.__dict__.setdefault("_fused_decode_checked", {})
-    key = (os.environ.get(ENV_SWITCH, "1"), str(mx.default_device()), model.precision, str(model.compute_dtype))
+    switch = os.environ.get(ENV_SWITCH, "1")
+    key = (switch, str(mx.default_device()), model.precision, str(model.compute_dtype))
     if key not in cache:
-        cache[key] = _supported(model) is None and self_check(model)
-    return cache[key]
+        kernels = _supported(model) is None and self_check(model)
+        persistent = (kernels and switch != "kernels" and decode_persistent.supported_shape(model.config, 3) is None
+                      and self_check(model, mode="persistent"))
+        cache[key] = (kernels, persistent)
+    kernels, persistent = cache[key]
+    if persistent and decode_persistent.supported_shape(model.config, rows) is None:
+        return "persistent"
+    return "kernels" if kernels else None
+
+
+def fused_decode_available(model, rows: int = 1) -> bool:
+    """True when a decode step of `rows` rows runs on a fused path (`fused_decode_mode`)."""
+    return fused_decode_mode(model, rows) is not None

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..constants import MAX_DECODE_STEPS
 from .cache import COMPILE_BLOCK, ScatterKVCache, make_cache
-from .decode_kernels import fused_decode_available, fused_decode_logits
+from .decode_kernels import fused_decode_logits, fused_decode_mode
 from .sample_utils import MIN_STEPS_BEFORE_EOS, RowSampling, sample_rows, seen_mask
 
 __all__ = ["BatchDecoder", "RowSampling", "BatchStep", "MAX_BATCH_STEPS"]
@@ -202,8 +202,9 @@ class BatchDecoder:
         reuses their traces: a request's new decoder must not re-trace."""
         fns = self.model._batch_steps if self.compiled else self._fns
         model = self.model
-        # CUDA: five custom kernels per layer for all rows, K/V written in place (decode_kernels.py)
-        fused = fused_decode_available(model, len(settings))
+        # CUDA: one persistent kernel (else five per layer) for all rows, K/V written in place
+        # (decode_persistent.py, decode_kernels.py)
+        fused = fused_decode_mode(model, len(settings))
         key = (settings, fused)
         if key in fns:
             if self.compiled:
@@ -218,7 +219,7 @@ class BatchDecoder:
             x = model.ar_audio_embedding(token[:, None]) * pos.x_scale
             x = x + pos.alpha * mx.take(pos._pe, audio_pos, axis=0)[:, None, :]  # (B, 1, D)
             if fused:
-                logits = fused_decode_logits(model, x, offsets, keys, values)
+                logits = fused_decode_logits(model, x, offsets, keys, values, fused)
             else:
                 caches = [ScatterKVCache(k, v, offsets, getattr(model, "fused_attention", False))
                           for k, v in zip(keys, values)]

@@ -37,7 +37,7 @@ import numpy as np
 
 from ..constants import MAX_DECODE_STEPS
 from .cache import COMPILE_BLOCK, make_cache
-from .decode_kernels import fused_decode_available, fused_decode_logits
+from .decode_kernels import fused_decode_logits, fused_decode_mode
 from .sample_utils import MIN_STEPS_BEFORE_EOS, RowSampling, sample_rows, seen_mask
 from .t2s import T2SConfig, T2SGraph
 from .t2s_batch import BatchDecoder
@@ -263,14 +263,15 @@ class T2S(T2SGraph):
         """The pure decode step `(token, audio_pos, offset, seen, key, eos_allowed, keys, values) ->
         (logits, token, packed, seen, key, keys, values)`, compiled once per sampling setting."""
         vocab = mx.arange(self.config.vocab_size)
-        # CUDA: five custom kernels per layer, K/V written in place (decode_kernels.py)
-        fused = fused_decode_available(self)
+        # CUDA: one persistent kernel for the step, else five per layer, K/V written in place
+        # (decode_persistent.py, decode_kernels.py)
+        fused = fused_decode_mode(self)
 
         def step(token, audio_pos, offset, seen, key, eos_allowed, keys, values):
             seen = mx.logical_or(seen, vocab == token)
             x = self.ar_audio_position.at(self.ar_audio_embedding(token[None]), audio_pos)  # (1, 1, D)
             if fused:
-                logits = fused_decode_logits(self, x, offset, keys, values)
+                logits = fused_decode_logits(self, x, offset, keys, values, fused)
             else:
                 caches = [_SlotKVCache(k, v, offset, self.fused_attention) for k, v in zip(keys, values)]
                 valid = (mx.arange(keys[0].shape[2]) <= offset)[None]  # (1, capacity): written slots only

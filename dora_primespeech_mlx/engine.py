@@ -64,6 +64,21 @@ MAX_PROMPTS = 16  # prepared voices kept (VOICE:CUSTOM makes a new one per refer
 # weights file at each call (same features to the bit, pages shared between processes, slower BERT)
 MEMORY_PRESETS = ("default", "low")
 
+# semantic tokens before a stream's first SoVITS window. The window holds back its last 16 frames
+# (sovits_stream.DEFAULT_OVERLAP), so N tokens emit 2N - 16 frames (20 ms each) and the next window
+# comes 50 tokens later: with 15 tokens, 280 ms of audio must cover 50 decode steps plus a window,
+# which a CUDA GPU does in ~80 ms (~1 ms/token, docs/performance.md); elsewhere (Apple GPUs: 6-10
+# ms/token reported by MLX ports; the CPU) 25 tokens, whose 680 ms cover it
+FIRST_CHUNK_TOKENS_CUDA = 15
+FIRST_CHUNK_TOKENS = 25
+
+
+def default_first_chunk_tokens() -> int:
+    """Tokens before the first stream window on this device (see FIRST_CHUNK_TOKENS_CUDA)."""
+    on_cuda = mx.default_device().type == mx.gpu and not mx.metal.is_available()
+    return FIRST_CHUNK_TOKENS_CUDA if on_cuda else FIRST_CHUNK_TOKENS
+
+
 # a "typical sentence" for warm-up: about 30 Chinese characters (the node's pieces rarely exceed it)
 TYPICAL_SENTENCE_PHONES = 64
 WARM_UP_TEXT_ZH = "今天的天气很好，我们一起去公园散步吧。"
@@ -177,6 +192,7 @@ class Engine:
         if batch_rows is None:
             batch_rows = MAX_BATCH_ROWS if mx.default_device().type == mx.gpu else 1
         self.batch_rows = max(1, int(batch_rows))
+        self.first_chunk_tokens = default_first_chunk_tokens()  # streaming's first window (tokens)
         self._max_loaded = max(1, max_loaded_voices)
         self._models: OrderedDict[tuple[Path, Path], tuple[object, object]] = OrderedDict()
         self._prompts: OrderedDict[tuple, VoicePrompt] = OrderedDict()
@@ -350,7 +366,7 @@ class Engine:
 
     @owner_only
     def warm_up(self, voice: Voice, options: SynthesisOptions | None = None, *, streaming: bool = False,
-                first_chunk_tokens: int = 25, chunk_tokens: int = 50,
+                first_chunk_tokens: int | None = None, chunk_tokens: int = 50,
                 typical_phones: int = TYPICAL_SENTENCE_PHONES) -> dict[str, float]:
         """Pay one-off costs before the first request, for the settings requests will use.
 
@@ -366,6 +382,7 @@ class Engine:
         (they hold ~160 MB). Returns seconds per part (0 for what there was nothing to warm: the GPT
         and SoVITS on the CPU)."""
         options = options or SynthesisOptions()
+        first_chunk_tokens = first_chunk_tokens or self.first_chunk_tokens
         t2s, sovits = self.voice_models(voice)
         spent = {"frontend_s": 0.0, "t2s_s": 0.0, "sovits_s": 0.0, "synthesis_s": 0.0}
         if self.memory_preset != "low":
@@ -417,13 +434,14 @@ class Engine:
         self._cancel.set()
 
     def synthesize_stream(self, text: str, voice: Voice | str, options: SynthesisOptions | None = None, *,
-                          streaming: bool = True, first_chunk_tokens: int = 25, chunk_tokens: int = 50,
+                          streaming: bool = True, first_chunk_tokens: int | None = None, chunk_tokens: int = 50,
                           on_token: Callable[[int], None] | None = None,
                           is_cancelled: Callable[[], bool] | None = None) -> Iterator[AudioChunk]:
         """Yield the utterance as `AudioChunk`s, sentence by sentence, the very last with `is_final`.
 
         With `streaming` (default) audio starts while the GPT is still generating: SoVITS decodes
-        windows of semantic tokens (the first after `first_chunk_tokens`, then every `chunk_tokens`)
+        windows of semantic tokens (the first after `first_chunk_tokens`, None: the engine's
+        `first_chunk_tokens`, 15 on a CUDA GPU and 25 elsewhere; then every `chunk_tokens`)
         with overlap and cross-fade (models/sovits_stream.py); the joined chunks differ from the
         whole-sentence decode only where a window had not yet seen later tokens. Without it, one
         chunk per sentence from a whole-sentence decode (what `synthesize` joins). Each sentence's
@@ -442,6 +460,7 @@ class Engine:
 
         t_start = time.perf_counter()
         options = options or SynthesisOptions()
+        first_chunk_tokens = first_chunk_tokens or self.first_chunk_tokens
         voice = self.registry.get(voice) if isinstance(voice, str) else voice
         language = options.text_lang or voice.text_lang
         speed = options.speed if options.speed is not None else voice.speed_factor

@@ -76,7 +76,7 @@ class ScheduledRequest:
     sink: Sink  # sink(kind, payload): "chunk" AudioChunk, then "done" None | "cancelled" exc | "error" exc
     options: SynthesisOptions | None = None
     streaming: bool = True
-    first_chunk_tokens: int = 25
+    first_chunk_tokens: int | None = None  # None: the engine's (Engine.first_chunk_tokens)
     chunk_tokens: int = 50
     on_token: Callable[[int], None] | None = None
     is_cancelled: Callable[[], bool] | None = None
@@ -295,7 +295,8 @@ class Scheduler:
             t0 = time.perf_counter()
             stream = SoVITSStreamDecoder(req.sovits, sentence.phone_ids, ge=prompt.style, speed=req.speed,
                                          noise_scale=options.noise_scale, seed=req.seed(i),
-                                         first_chunk_codes=req.spec.first_chunk_tokens,
+                                         first_chunk_codes=req.spec.first_chunk_tokens
+                                         or self.engine.first_chunk_tokens,
                                          chunk_codes=req.spec.chunk_tokens)
             sovits_s = time.perf_counter() - t0
         else:

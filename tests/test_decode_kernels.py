@@ -131,7 +131,7 @@ def test_a_mismatching_kernel_fails_the_self_check_and_decoding_falls_back(monke
 
     monkeypatch.setattr(dk, "_matvec", off_by_a_little)
     assert not dk.self_check(model)
-    assert "differ from MLX's ops" in caplog.text
+    assert "differs from MLX's ops" in caplog.text
     assert not dk.fused_decode_available(model)
     model.compile_decode = True
     assert len(model.generate(*inputs(), top_k=1, max_new_tokens=5)) == 5

@@ -30,6 +30,8 @@ from dora_primespeech_mlx.models.sovits_stream import SoVITSStreamDecoder
 from dora_primespeech_mlx.models.t2s_io import load_t2s
 from dora_primespeech_mlx.options import SynthesisCancelled, SynthesisOptions
 from dora_primespeech_mlx.voices import VoiceRegistry
+
+ON_CUDA = mx.default_device().type == mx.gpu and not mx.metal.is_available()
 from dora_primespeech_mlx.weights import CheckpointError
 from dora_primespeech_mlx.weights.writer import write_torch_file
 
@@ -282,6 +284,19 @@ def test_engine_streams_chunks_that_the_stream_decoder_gives(engine):
                               chunk_codes=8)
     reference = np.concatenate([dec.feed(t) for t in tokens] + [dec.finish()])
     np.testing.assert_array_equal(streamed, reference)  # the engine adds nothing to the stream decoder
+
+
+def test_the_first_window_follows_the_device_default(engine, monkeypatch):
+    from dora_primespeech_mlx import engine as engine_module
+
+    assert engine.first_chunk_tokens == (engine_module.FIRST_CHUNK_TOKENS_CUDA if ON_CUDA
+                                         else engine_module.FIRST_CHUNK_TOKENS)
+    monkeypatch.setattr(engine, "first_chunk_tokens", 12)  # what a CUDA engine does with its 15
+    tokens: list[int] = []
+    options = SynthesisOptions(max_new_tokens=30, seed=21, fragment_interval=0.0, speed=1.0)
+    first = next(iter(engine.synthesize_stream("流式合成的第一句话。", VOICE, options, streaming=True,
+                                               on_token=tokens.append, chunk_tokens=8)))
+    assert len(tokens) == 12 and first.audio.size == 8 * 640  # 2 x 12 frames, 16 held back
 
 
 def test_engine_splits_sentences(engine):

@@ -19,6 +19,7 @@ import subprocess
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
@@ -371,3 +372,26 @@ def test_shape_buckets_leave_real_frames_unchanged(model, ge, inputs, audio, fil
     assert rel_err(got, plain) <= 1e-6
     if speed == 1.0:
         assert rel_err(got, file_refs["audio_codes10"][0, 0]) <= 1e-3
+
+
+def test_pointwise_convolutions_as_matmuls_keep_the_latents(model, ge, file_refs, inputs, monkeypatch):
+    """On a GPU, kernel-size-1 convolutions run as matmuls (hifigan.Conv1d): forced here on the CPU,
+    one such layer equals the convolution and the latents (1x1 convs in attention, MRTE and the flow)
+    still match upstream within the same bound."""
+    from dora_primespeech_mlx.models import hifigan
+
+    conv = hifigan.Conv1d(48, 96, 1)
+    x = mx.random.normal((2, 37, 48), key=mx.random.key(0))
+    real_conv = nn.Conv1d.__call__
+    want = np.array(real_conv(conv, x))
+    monkeypatch.setattr(hifigan, "_on_cpu", lambda: False)
+    calls = []
+    real_addmm = mx.addmm
+    monkeypatch.setattr(hifigan.mx, "addmm", lambda *a, **k: calls.append(1) or real_addmm(*a, **k))
+    assert rel_err(np.array(conv(x)), want) <= 1e-6 and calls
+    monkeypatch.setattr(hifigan.nn.Conv1d, "__call__",
+                        lambda self, x: (_ for _ in ()).throw(AssertionError("a 1x1 convolution ran natively"))
+                        if self.weight.shape[1] == 1 else real_conv(self, x))
+    lat = model.latent(inputs["codes"], inputs["phones"], ge=ge, noise_scale=0.0)
+    for name in ("m_p", "logs_p", "z"):
+        assert rel_err(lat[name], file_refs[name][0]) <= 1e-4, name

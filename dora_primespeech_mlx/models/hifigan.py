@@ -24,10 +24,14 @@ def _on_cpu() -> bool:
 
 
 class Conv1d(nn.Conv1d):
-    """`nn.Conv1d` (stride 1) that, on the CPU backend, runs as a sum of one matmul per kernel tap.
+    """`nn.Conv1d` (stride 1) that, on the CPU backend, runs as a sum of one matmul per kernel tap,
+    and on a GPU runs kernel-size-1 convolutions as one matmul.
 
     Why: MLX's CPU convolution reaches ~1.2 GFLOP/s on these shapes, the per-tap matmuls ~5 GFLOP/s
-    (same maths, another summation order). On GPU the native convolution is used.
+    (same maths, another summation order). On a GPU a 1x1 convolution is a matrix product, and a
+    matmul skips the convolution library's per-shape plans (on CUDA a new convolution shape costs
+    set-up; SoVITS' attention, MRTE and flow have ~80 of these per stream window). Wider kernels
+    use the native convolution there.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, padding: int = 0,
@@ -38,6 +42,9 @@ class Conv1d(nn.Conv1d):
 
     def __call__(self, x: mx.array) -> mx.array:
         k = self.weight.shape[1]
+        if k == 1 and not _on_cpu() and self._pad == 0:
+            w = self.weight[:, 0, :].T  # (C_in, C_out): a view, no copy
+            return mx.addmm(self.bias, x, w) if "bias" in self else x @ w
         if k == 1 or not _on_cpu():
             return super().__call__(x)
         t_out = x.shape[1] + 2 * self._pad - self._dil * (k - 1)
@@ -114,7 +121,7 @@ class Generator(nn.Module):
                 self.resblocks.append(ResBlock1(ch, rk, rd))
         self.conv_post = Conv1d(ch, 1, 7, padding=3, bias=False)
         if gin_channels:
-            self.cond = nn.Conv1d(gin_channels, upsample_initial_channel, 1)
+            self.cond = Conv1d(gin_channels, upsample_initial_channel, 1)
 
     def __call__(self, x: mx.array, g: mx.array | None = None, valid: mx.array | None = None) -> mx.array:
         """`x` (B, T, 192) latent, `g` (B, 1, 512) style vector -> (B, 640*T, 1) audio in [-1, 1].

@@ -41,10 +41,10 @@ class MultiHeadAttention(nn.Module):
         self.n_heads = n_heads
         self.k_channels = channels // n_heads
         self.window_size = window_size
-        self.conv_q = nn.Conv1d(channels, channels, 1)
-        self.conv_k = nn.Conv1d(channels, channels, 1)
-        self.conv_v = nn.Conv1d(channels, channels, 1)
-        self.conv_o = nn.Conv1d(channels, out_channels, 1)
+        self.conv_q = Conv1d(channels, channels, 1)
+        self.conv_k = Conv1d(channels, channels, 1)
+        self.conv_v = Conv1d(channels, channels, 1)
+        self.conv_o = Conv1d(channels, out_channels, 1)
         if window_size is not None:
             self.emb_rel_k = mx.zeros((1, 2 * window_size + 1, self.k_channels))
             self.emb_rel_v = mx.zeros((1, 2 * window_size + 1, self.k_channels))
@@ -119,9 +119,9 @@ class MRTE(nn.Module):
     def __init__(self, channels: int = 192, hidden: int = 512, n_heads: int = 4):
         super().__init__()
         self.cross_attention = MultiHeadAttention(hidden, hidden, n_heads)
-        self.c_pre = nn.Conv1d(channels, hidden, 1)
-        self.text_pre = nn.Conv1d(channels, hidden, 1)
-        self.c_post = nn.Conv1d(hidden, channels, 1)
+        self.c_pre = Conv1d(channels, hidden, 1)
+        self.text_pre = Conv1d(channels, hidden, 1)
+        self.c_post = Conv1d(hidden, channels, 1)
 
     def __call__(self, ssl: mx.array, text: mx.array, ge: mx.array) -> mx.array:
         ssl = self.c_pre(ssl)
@@ -157,13 +157,13 @@ class TextEncoder(nn.Module):
         super().__init__()
         h, f, nh, k, w = cfg.hidden_channels, cfg.filter_channels, cfg.n_heads, cfg.kernel_size, cfg.window_size
         self.out_channels = cfg.inter_channels
-        self.ssl_proj = nn.Conv1d(cfg.ssl_dim, h, 1)
+        self.ssl_proj = Conv1d(cfg.ssl_dim, h, 1)
         self.encoder_ssl = Encoder(h, f, nh, cfg.n_layers // 2, k, w)
         self.encoder_text = Encoder(h, f, nh, cfg.n_layers, k, w)
         self.text_embedding = nn.Embedding(cfg.n_symbols, h)
         self.mrte = MRTE(h, cfg.mrte_channels, cfg.mrte_heads)
         self.encoder2 = Encoder(h, f, nh, cfg.n_layers // 2, k, w)
-        self.proj = nn.Conv1d(h, cfg.inter_channels * 2, 1)
+        self.proj = Conv1d(h, cfg.inter_channels * 2, 1)
 
     def encode_text(self, text: mx.array) -> mx.array:
         """Phone ids (B, S) -> encoded phones (B, S, C); depends on nothing else, so streaming caches it."""
@@ -194,10 +194,10 @@ class WN(nn.Module):
     def __init__(self, hidden: int, kernel_size: int, n_layers: int, gin_channels: int):
         super().__init__()
         self.hidden = hidden
-        self.cond_layer = nn.Conv1d(gin_channels, 2 * hidden * n_layers, 1)
+        self.cond_layer = Conv1d(gin_channels, 2 * hidden * n_layers, 1)
         self.in_layers = [Conv1d(hidden, 2 * hidden, kernel_size, padding=(kernel_size - 1) // 2) for _ in range(n_layers)]
         self.res_skip_layers = [
-            nn.Conv1d(hidden, 2 * hidden if i < n_layers - 1 else hidden, 1) for i in range(n_layers)
+            Conv1d(hidden, 2 * hidden if i < n_layers - 1 else hidden, 1) for i in range(n_layers)
         ]
 
     def __call__(self, x: mx.array, g: mx.array, mask: mx.array | None = None) -> mx.array:
@@ -227,9 +227,9 @@ class ResidualCouplingLayer(nn.Module):
     def __init__(self, channels: int, hidden: int, kernel_size: int, n_layers: int, gin_channels: int):
         super().__init__()
         self.half = channels // 2
-        self.pre = nn.Conv1d(self.half, hidden, 1)
+        self.pre = Conv1d(self.half, hidden, 1)
         self.enc = WN(hidden, kernel_size, n_layers, gin_channels)
-        self.post = nn.Conv1d(hidden, self.half, 1)
+        self.post = Conv1d(hidden, self.half, 1)
 
     def reverse(self, x: mx.array, g: mx.array, mask: mx.array | None = None) -> mx.array:
         x0, x1 = x[..., : self.half], x[..., self.half :]

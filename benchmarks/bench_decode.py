@@ -40,6 +40,11 @@ from dora_primespeech_mlx.bench_report import decode_inputs, time_decode  # noqa
 TEXT_60 = "欢迎使用GPT-SoVITS语音合成，这个demo运行在Apple的MLX框架上。它支持中文和English混合的句子。"
 TEXT_10 = "今天天气很好我们走吧。"
 TOKENS_10 = 63
+# texts a process has not seen (what a user's next request is): SoVITS' text encoder meets a new
+# length; the second set runs with its frame convolutions on MLX's convolution (the engine before
+# they became matmuls on a GPU), each text once
+NEW_TEXTS = ("明天早上八点开会。", "请把窗户关上，外面很冷。", "我想喝一杯热咖啡。", "这本书非常有意思，推荐你读。")
+NEW_TEXTS_NATIVE_CONVS = ("周末我们去爬山吧。", "他每天晚上都会跑步半小时。", "这里的风景真美。", "火车马上就要出发了，快点上车。")
 
 
 def load_inputs(path: str | None):
@@ -168,6 +173,18 @@ def child_engine(args, model_dir) -> dict:
         runs = [whole(TEXT_60, args.e2e_tokens, rows) for _ in range(args.repeats)]
         out[f"whole_60_chars_rows{rows}_ms"] = 1000 * statistics.median(t for t, _ in runs)
         out[f"whole_60_chars_rows{rows}_sentences"] = runs[0][1].sentences
+    out["whole_new_text_ms"] = 1000 * statistics.median(whole(t, TOKENS_10)[0] for t in NEW_TEXTS)
+    import mlx.nn as nn
+
+    from dora_primespeech_mlx.models import hifigan
+
+    as_matmul = hifigan.Conv1d._as_matmul
+    hifigan.Conv1d._as_matmul = lambda self, x: nn.Conv1d.__call__(self, x)
+    try:
+        out["whole_new_text_native_convs_ms"] = 1000 * statistics.median(
+            whole(t, TOKENS_10)[0] for t in NEW_TEXTS_NATIVE_CONVS)
+    finally:
+        hifigan.Conv1d._as_matmul = as_matmul
     out["peak_memory_mb"] = mx.get_peak_memory() / 1e6
     return out
 

@@ -48,8 +48,7 @@ def synthesize_batched(engine, sentences: list, caps: list[int], prompt, t2s, so
             i = waiting.pop(0)
             s = sentences[i]
             owner[decoder.add(
-                np.concatenate([prompt.prompt_phone_ids, s.phone_ids]),
-                np.concatenate([prompt.prompt_bert, s.bert], axis=1), prompt.prompt_codes,
+                *prompt.gpt_inputs(s),
                 top_k=options.top_k, top_p=options.top_p, temperature=options.temperature,
                 repetition_penalty=options.repetition_penalty,
                 seed=None if options.seed is None else options.seed + i,

@@ -120,6 +120,13 @@ class VoicePrompt:
     prompt_bert: np.ndarray  # (1024, S_p) float32 BERT features of the transcript
     seconds: float  # time it took to prepare
 
+    def gpt_inputs(self, sentence: PhoneSentence) -> tuple[np.ndarray, mx.array, np.ndarray]:
+        """The GPT's `(phone_ids, bert, prompt_tokens)` for `sentence` spoken in this voice: the
+        transcript's phones and features first. The features are joined on the device (the
+        sentence's may still be lazy there)."""
+        return (np.concatenate([self.prompt_phone_ids, sentence.phone_ids]),
+                mx.concatenate([mx.array(self.prompt_bert), mx.array(sentence.bert)], axis=1), self.prompt_codes)
+
 
 @dataclass
 class AudioResult:
@@ -141,7 +148,7 @@ class PhoneSentence:
 
     text: str
     phone_ids: np.ndarray  # (S,) int64
-    bert: np.ndarray  # (1024, S) float32; zeros for non-Chinese segments
+    bert: mx.array  # (1024, S) float32, lazy on the device; zeros for non-Chinese segments
 
 
 def length_guard(n_phones: int, cap: int | None, tokens_per_phone: float) -> int:
@@ -319,11 +326,14 @@ class Engine:
         feats = []
         for seg in sentence.segments:
             if seg.needs_bert and seg.word2ph:
-                feats.append(self.bert().phone_features(seg.norm_text, seg.word2ph))
+                bert = self.bert()
+                # MLX's RoBERTa leaves the features on the device, unevaluated (Core ML's are numpy)
+                features = getattr(bert, "phone_features_array", bert.phone_features)
+                feats.append(mx.array(features(seg.norm_text, seg.word2ph)))
             else:
-                feats.append(np.zeros((BERT_DIM, len(seg.phone_ids)), np.float32))
+                feats.append(mx.zeros((BERT_DIM, len(seg.phone_ids)), mx.float32))
         return PhoneSentence(sentence.text, np.asarray(sentence.phone_ids, np.int64),
-                             np.concatenate(feats, axis=1).astype(np.float32))
+                             mx.concatenate(feats, axis=1) if len(feats) > 1 else feats[0])
 
     # ------------------------------------------------------------------ voices
 
@@ -351,7 +361,7 @@ class Engine:
             prompt_text += "。" if voice.prompt_lang != "en" else "."  # upstream ends the prompt with a stop
         sentences = self.phone_sentences(prompt_text, voice.prompt_lang, split=False)
         phone_ids = np.concatenate([s.phone_ids for s in sentences])
-        bert = np.concatenate([s.bert for s in sentences], axis=1)
+        bert = np.concatenate([np.array(s.bert) for s in sentences], axis=1)
         prompt = VoicePrompt(voice, np.asarray(codes, np.int64).reshape(-1), spec, style, phone_ids, bert,
                              time.perf_counter() - t0)
         logger.info("voice %r prepared in %.2f s (%d prompt codes, %d prompt phones)", voice.id, prompt.seconds,
@@ -519,8 +529,7 @@ class Engine:
                 tokens: list[int] = []
                 t1 = time.perf_counter()
                 for token in t2s.generate_stream(
-                        np.concatenate([prompt.prompt_phone_ids, sentence.phone_ids]),
-                        np.concatenate([prompt.prompt_bert, sentence.bert], axis=1), prompt.prompt_codes,
+                        *prompt.gpt_inputs(sentence),
                         top_k=options.top_k, top_p=options.top_p, temperature=options.temperature,
                         repetition_penalty=options.repetition_penalty, seed=seed,
                         max_new_tokens=length_guard(sentence.phone_ids.size, options.max_new_tokens,

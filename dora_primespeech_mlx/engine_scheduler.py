@@ -303,8 +303,7 @@ class Scheduler:
             sovits_s = 0.0
         t0 = time.perf_counter()
         row_id = lane.decoder.add(
-            np.concatenate([prompt.prompt_phone_ids, sentence.phone_ids]),
-            np.concatenate([prompt.prompt_bert, sentence.bert], axis=1), prompt.prompt_codes,
+            *prompt.gpt_inputs(sentence),
             top_k=options.top_k, top_p=options.top_p, temperature=options.temperature,
             repetition_penalty=options.repetition_penalty, seed=req.seed(i),
             max_new_tokens=length_guard(sentence.phone_ids.size, options.max_new_tokens, self.engine.tokens_per_phone))

@@ -57,7 +57,7 @@ def test_the_source_calls_each_layer_with_its_own_arrays_and_the_previous_norm()
     assert "dpm_head<T, B, D, V>(w, g2_2, be2_2, whead, logits, 1e-05f);" in body
     # the layer function takes its arrays in the order the calls pass them
     signature = re.search(r"void dpm_layer\(DpmWork& w, const float\* s_in, const float\* gp, const float\* bp,(.*?)\)",
-                          dp._HEADER, re.S).group(1)
+                          dp._HEADER, re.DOTALL).group(1)
     params = [p.split()[-1].replace("*", "") for p in signature.split(",")][:len(per_layer)]
     assert [p.replace("b1n", "be1").replace("_in", "") for p in params] == per_layer
 

@@ -374,24 +374,31 @@ def test_shape_buckets_leave_real_frames_unchanged(model, ge, inputs, audio, fil
         assert rel_err(got, file_refs["audio_codes10"][0, 0]) <= 1e-3
 
 
-def test_pointwise_convolutions_as_matmuls_keep_the_latents(model, ge, file_refs, inputs, monkeypatch):
-    """On a GPU, kernel-size-1 convolutions run as matmuls (hifigan.Conv1d): forced here on the CPU,
-    one such layer equals the convolution and the latents (1x1 convs in attention, MRTE and the flow)
-    still match upstream within the same bound."""
+def test_frame_convolutions_as_matmuls_keep_the_latents(model, ge, file_refs, inputs, monkeypatch):
+    """On a GPU, kernel-size-1 convolutions and the text encoder's FFN convolutions run as matmuls
+    (hifigan.Conv1d): forced here on the CPU, such layers equal the convolution and the latents
+    (1x1 convs in attention, MRTE and the flow, kernel-3 FFNs) still match upstream within the same bound."""
     from dora_primespeech_mlx.models import hifigan
 
-    conv = hifigan.Conv1d(48, 96, 1)
     x = mx.random.normal((2, 37, 48), key=mx.random.key(0))
     real_conv = nn.Conv1d.__call__
-    want = np.array(real_conv(conv, x))
+    layers = [hifigan.Conv1d(48, 96, 1), hifigan.Conv1d(48, 96, 3, padding=1, gpu_matmul=True),
+              hifigan.Conv1d(48, 96, 5, padding=4, dilation=2, bias=False, gpu_matmul=True)]
+    wants = [np.array(real_conv(conv, x)) for conv in layers]
     monkeypatch.setattr(hifigan, "_on_cpu", lambda: False)
     calls = []
     real_addmm = mx.addmm
     monkeypatch.setattr(hifigan.mx, "addmm", lambda *a, **k: calls.append(1) or real_addmm(*a, **k))
-    assert rel_err(np.array(conv(x)), want) <= 1e-6 and calls
-    monkeypatch.setattr(hifigan.nn.Conv1d, "__call__",
-                        lambda self, x: (_ for _ in ()).throw(AssertionError("a 1x1 convolution ran natively"))
-                        if self.weight.shape[1] == 1 else real_conv(self, x))
+    for conv, want in zip(layers, wants):
+        assert rel_err(np.array(conv(x)), want) <= 1e-6
+    assert len(calls) == 2  # the bias-free one is a plain matmul
+
+    def native(self, x):
+        if self.weight.shape[1] == 1 or getattr(self, "_gpu_matmul", False):
+            raise AssertionError("a convolution meant to be a matmul ran natively")
+        return real_conv(self, x)
+
+    monkeypatch.setattr(hifigan.nn.Conv1d, "__call__", native)
     lat = model.latent(inputs["codes"], inputs["phones"], ge=ge, noise_scale=0.0)
     for name in ("m_p", "logs_p", "z"):
         assert rel_err(lat[name], file_refs[name][0]) <= 1e-4, name

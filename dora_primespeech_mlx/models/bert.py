@@ -241,6 +241,12 @@ class BertEncoderModel(nn.Module):
         `input_ids` is `(T,)` or `(1, T)` token ids including `[CLS]`/`[SEP]`; `n_layers` (default:
         all) limits how many layers run.
         """
+        hs = self.forward_hidden(self._checked_ids(input_ids), n_layers)
+        mx.eval(hs)
+        return [np.array(h[0].astype(mx.float32)) for h in hs]
+
+    def _checked_ids(self, input_ids: Sequence[int] | np.ndarray) -> mx.array:
+        """`input_ids` as (1, T) int32 after checking their shape, count and range."""
         ids = np.asarray(input_ids, dtype=np.int64)
         if ids.ndim == 2 and ids.shape[0] == 1:
             ids = ids[0]
@@ -251,9 +257,7 @@ class BertEncoderModel(nn.Module):
                              "split the text into shorter sentences")
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got {ids.min()}..{ids.max()}")
-        hs = self.forward_hidden(mx.array(ids.astype(np.int32))[None], n_layers)
-        mx.eval(hs)
-        return [np.array(h[0].astype(mx.float32)) for h in hs]
+        return mx.array(ids.astype(np.int32))[None]
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text` with `[CLS]`/`[SEP]`, as the HF tokenizer of the folder gives them."""
@@ -267,10 +271,17 @@ class BertEncoderModel(nn.Module):
         Tokens of `norm_text` -> `hidden_states[-3]` -> drop `[CLS]`/`[SEP]` -> repeat row i `word2ph[i]` times.
         `word2ph` has one entry per character of `norm_text` (the Chinese frontend's output).
         """
+        return np.ascontiguousarray(np.array(self.phone_features_array(norm_text, word2ph)))
+
+    def phone_features_array(self, norm_text: str, word2ph: Sequence[int]) -> mx.array:
+        """`phone_features` as a lazy float32 MLX array: on a GPU the features stay on the device and
+        nothing waits for them until the GPT's prefill needs them (no copy of every layer's states
+        to the host, no host sync between the text and the first token)."""
         ids = self.tokenize(norm_text)
         word2ph = checked_word2ph(norm_text, word2ph, len(ids))
-        hidden = self.hidden_states(ids, n_layers=self.phone_feature_layer)[-1][1:-1]  # (chars, hidden)
-        return np.ascontiguousarray(np.repeat(hidden[: len(word2ph)], word2ph, axis=0).T)
+        hidden = self.forward_hidden(self._checked_ids(ids), self.phone_feature_layer)[-1][0, 1:-1]  # (chars, hidden)
+        rows = mx.array(np.repeat(np.arange(len(word2ph), dtype=np.int32), word2ph))
+        return mx.take(hidden, rows, axis=0).T.astype(mx.float32)
 
     def sanitize(self, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Map HF BERT state-dict names to the full model's parameters (pure, idempotent).

@@ -25,26 +25,28 @@ def _on_cpu() -> bool:
 
 class Conv1d(nn.Conv1d):
     """`nn.Conv1d` (stride 1) that, on the CPU backend, runs as a sum of one matmul per kernel tap,
-    and on a GPU runs kernel-size-1 convolutions as one matmul.
+    and on a GPU runs kernel-size-1 convolutions (and, with `gpu_matmul`, any kernel size) as one
+    matmul.
 
     Why: MLX's CPU convolution reaches ~1.2 GFLOP/s on these shapes, the per-tap matmuls ~5 GFLOP/s
-    (same maths, another summation order). On a GPU a 1x1 convolution is a matrix product, and a
-    matmul skips the convolution library's per-shape plans (on CUDA a new convolution shape costs
-    set-up; SoVITS' attention, MRTE and flow have ~80 of these per stream window). Wider kernels
-    use the native convolution there.
+    (same maths, another summation order). On a GPU a convolution over frames is a matrix product
+    of the input's shifted copies (k x C_in wide), and a matmul skips the convolution library's
+    per-shape plans: on CUDA each new convolution shape costs set-up, and SoVITS' text encoder sees
+    a new length with every sentence and every stream window. Convolutions over samples (HiFi-GAN,
+    up to 100k steps) keep the native convolution, whose shapes the engine buckets.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, padding: int = 0,
-                 dilation: int = 1, bias: bool = True):
+                 dilation: int = 1, bias: bool = True, gpu_matmul: bool = False):
         super().__init__(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=bias)
         self._pad = padding
         self._dil = dilation
+        self._gpu_matmul = gpu_matmul
 
     def __call__(self, x: mx.array) -> mx.array:
         k = self.weight.shape[1]
-        if k == 1 and not _on_cpu() and self._pad == 0:
-            w = self.weight[:, 0, :].T  # (C_in, C_out): a view, no copy
-            return mx.addmm(self.bias, x, w) if "bias" in self else x @ w
+        if not _on_cpu() and (k == 1 or self._gpu_matmul):
+            return self._as_matmul(x)
         if k == 1 or not _on_cpu():
             return super().__call__(x)
         t_out = x.shape[1] + 2 * self._pad - self._dil * (k - 1)
@@ -54,6 +56,19 @@ class Conv1d(nn.Conv1d):
             tap = xp[:, j * self._dil : j * self._dil + t_out] @ self.weight[:, j, :].T
             y = tap if y is None else y + tap
         return y + self.bias if "bias" in self else y
+
+    def _as_matmul(self, x: mx.array) -> mx.array:
+        """One matmul: the k shifted copies of the padded input side by side (B, T', k * C_in) against
+        the weight (C_out, k, C_in) read as (C_out, k * C_in)."""
+        c_out, k, c_in = self.weight.shape
+        if k == 1 and self._pad == 0:
+            cols = x
+        else:
+            t_out = x.shape[1] + 2 * self._pad - self._dil * (k - 1)
+            xp = mx.pad(x, [(0, 0), (self._pad, self._pad), (0, 0)]) if self._pad else x
+            cols = mx.concatenate([xp[:, j * self._dil : j * self._dil + t_out] for j in range(k)], axis=-1)
+        w = self.weight.reshape(c_out, k * c_in).T
+        return mx.addmm(self.bias, cols, w) if "bias" in self else cols @ w
 
 
 def _masked(x: mx.array, mask: mx.array | None) -> mx.array:

@@ -89,8 +89,9 @@ class FFN(nn.Module):
         # upstream pads (k-1)//2 left and k//2 right; equal for the odd kernel (3) of v2
         assert kernel_size % 2 == 1
         pad = (kernel_size - 1) // 2
-        self.conv_1 = Conv1d(channels, filter_channels, kernel_size, padding=pad)
-        self.conv_2 = Conv1d(filter_channels, channels, kernel_size, padding=pad)
+        # over frames, at a new length per sentence and per stream window: a matmul on a GPU
+        self.conv_1 = Conv1d(channels, filter_channels, kernel_size, padding=pad, gpu_matmul=True)
+        self.conv_2 = Conv1d(filter_channels, channels, kernel_size, padding=pad, gpu_matmul=True)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.conv_2(nn.relu(self.conv_1(x)))

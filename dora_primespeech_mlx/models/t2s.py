@@ -268,8 +268,8 @@ class T2SGraph(nn.Module):
         object.__setattr__(self, "_batch_steps", OrderedDict())  # t2s_batch's, per row-settings tuple
 
     def _check_inputs(
-        self, phone_ids: np.ndarray, bert: np.ndarray, prompt_tokens: np.ndarray | None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self, phone_ids: np.ndarray, bert: np.ndarray | mx.array, prompt_tokens: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray | mx.array, np.ndarray]:
         cfg = self.config
         phones = np.asarray(phone_ids)
         if phones.ndim != 1 or phones.size == 0 or not np.issubdtype(phones.dtype, np.integer):
@@ -280,8 +280,9 @@ class T2SGraph(nn.Module):
             raise ValueError(
                 f"phone_ids must lie in [0, {cfg.phoneme_vocab_size}), got [{phones.min()}, {phones.max()}]"
             )
-        bert = np.asarray(bert, dtype=np.float32)
-        if bert.shape != (cfg.bert_dim, phones.size):
+        # an MLX array (the engine's BERT features, still on the device) is checked without a host copy
+        bert = bert.astype(mx.float32) if isinstance(bert, mx.array) else np.asarray(bert, dtype=np.float32)
+        if tuple(bert.shape) != (cfg.bert_dim, phones.size):
             raise ValueError(f"bert must have shape ({cfg.bert_dim}, S_text={phones.size}), got {bert.shape}")
         prompt = np.zeros((0,), np.int64) if prompt_tokens is None else np.asarray(prompt_tokens)
         if prompt.ndim != 1 or (prompt.size and not np.issubdtype(prompt.dtype, np.integer)):
@@ -294,10 +295,10 @@ class T2SGraph(nn.Module):
             )
         return phones.astype(np.int32), bert, prompt.astype(np.int32)
 
-    def embed(self, phone_ids: np.ndarray, bert: np.ndarray, prompt_tokens: np.ndarray | None) -> mx.array:
+    def embed(self, phone_ids: np.ndarray, bert: np.ndarray | mx.array, prompt_tokens: np.ndarray | None) -> mx.array:
         """`xy_pos` (1, S_text + S_prompt, 512): text and prompt-audio embeddings with their positions."""
         phones, bert, prompt = self._check_inputs(phone_ids, bert, prompt_tokens)
-        bert_x = mx.array(bert.T)[None].astype(self.compute_dtype)
+        bert_x = (bert if isinstance(bert, mx.array) else mx.array(bert)).T[None].astype(self.compute_dtype)
         x = self.ar_text_embedding(mx.array(phones)[None]) + self.bert_proj(bert_x)  # (1, Tx, D)
         x = self.ar_text_position(x)
         if prompt.size == 0:

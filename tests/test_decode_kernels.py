@@ -5,6 +5,8 @@ the switch logic, the generated sources and that decoding never asks for the ker
 from __future__ import annotations
 
 import re
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -17,24 +19,18 @@ from dora_primespeech_mlx.models.t2s import T2SConfig
 from dora_primespeech_mlx.models.t2s_generate import T2S
 from dora_primespeech_mlx.models.t2s_precision import apply_precision
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
+from decode_gpt import ON_CUDA, decode_inputs, head_dim32_gpt  # noqa: E402
+
 pytestmark = pytest.mark.fast
-ON_CUDA = mx.default_device().type == mx.gpu and mx.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not ON_CUDA, reason="the fused decode kernels run on CUDA (the NVIDIA GPU host)")
 
 
-def gpt(hidden: int = 128, heads: int = 4, layers: int = 3, seed: int = 0) -> T2S:  # head_dim 32 as the real GPT
-    mx.random.seed(seed)
-    cfg = T2SConfig(vocab_size=1025, phoneme_vocab_size=32, embedding_dim=hidden, hidden_dim=hidden, head=heads,
-                    n_layer=layers, bert_dim=16)
-    model = T2S(cfg)
-    model.eval()
-    return model
+def gpt(hidden: int = 128, heads: int = 4, layers: int = 3, seed: int = 0) -> T2S:
+    return head_dim32_gpt(hidden, heads, layers, seed)
 
 
-def inputs(n_text=9, n_prompt=7, seed=3):
-    rng = np.random.default_rng(seed)
-    return (rng.integers(0, 32, n_text), rng.standard_normal((16, n_text)).astype(np.float32),
-            rng.integers(0, 1024, n_prompt))
+inputs = decode_inputs
 
 
 def test_every_variant_names_only_its_inputs_and_writes_kv_only_in_qkv():

@@ -7,13 +7,15 @@ Each process (a fresh interpreter: on a GPU the step is bound by the host launch
 single processes swing) loads the voice's GPT and measures, after one untimed warm-up run:
 
 - `decode`: steady-state ms/token of one stream (`decode_steps`, prefill excluded) per variant:
-  eager, compiled, compiled with the fused head_dim-32 attention kernel (GPU only), at fp32 and
-  (with --precisions) fp16;
+  eager; compiled (the default path: on CUDA the persistent kernel); compiled on the five kernels
+  per layer and on MLX's ops where a fused path is the default; compiled with the fused head_dim-32
+  attention kernel alone (GPU only); at fp32 and (with --precisions) fp16;
 - `batch`: tokens/s of `T2S.generate_batch` over B rows of different lengths, B in --batch-sizes;
 - `engine`: what users wait for: a 10-character Chinese segment synthesised whole (streaming off, as
   every mofa dataflow runs; 63 tokens, about 2.5 s of speech at 25 Hz: random weights would run to the
   length guard), first audio of bench_e2e's fixed 60-character text streamed, and that text whole
-  with its three sentences batched vs one by one.
+  with its three sentences batched vs one by one, then 10-character texts the process has not seen
+  (each once), with SoVITS' frame convolutions as matmuls (the GPU default) and on MLX's convolution.
 
 Without --model-dir it builds the smoke voice (random weights at full v2 size, EOS made rare). The
 inputs default to bench_t2s's draw at seed 0 (the upstream CUDA-graph driver,

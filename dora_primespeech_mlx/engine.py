@@ -456,7 +456,8 @@ class Engine:
         whole-sentence decode only where a window had not yet seen later tokens. Without it, one
         chunk per sentence from a whole-sentence decode (what `synthesize` joins). Each sentence's
         last chunk carries its `fragment_interval` of silence. Timings are seconds; `elapsed_s` is the
-        time from the call to that chunk (first-audio latency for the first one).
+        time from the call to that chunk (first-audio latency for the first one). MLX's BERT features
+        are lazy (evaluated with the GPT's prefill), so its time counts in `t2s_s`, not `frontend_s`.
 
         Cancellation raises `SynthesisCancelled` within one GPT step (or one SoVITS window): after
         `cancel()` from any thread, or once `is_cancelled()` (the caller's own flag, which also

@@ -34,7 +34,8 @@ thread (engine.py's threading rule); only `submit` may be called from another th
 
 Timings per chunk: `t2s_s` is the wall time of the decode steps the sentence's row took part in since
 its previous chunk (steps shared with other rows count in full for each), `sovits_s` its own SoVITS
-time, `frontend_s` the request's first sentence's frontend + BERT (on its first chunk), `batch_rows`
+time, `frontend_s` the request's first sentence's frontend (+ BERT where it is not lazy: Core ML; MLX's
+BERT runs with the row's prefill and counts in `t2s_s`) on its first chunk, `batch_rows`
 the rows of its decoder at its last step, `queued_s` (first chunk) the wait between `submit` and
 admission; `elapsed_s` counts from `submit`.
 """

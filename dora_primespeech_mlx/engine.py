@@ -46,6 +46,7 @@ from .options import (
     join_audio,
 )
 from .batch_synthesis import MAX_BATCH_ROWS, synthesize_batched
+from .models.sovits_stream import default_first_chunk_codes
 from .text.frontend import request_sentences, warm_up_frontend
 from .voices import Voice, VoiceRegistry
 from .weights import release_freed_memory
@@ -63,21 +64,6 @@ MAX_PROMPTS = 16  # prepared voices kept (VOICE:CUSTOM makes a new one per refer
 # MEMORY_PRESET: "default" keeps RoBERTa's layers in MLX memory; "low" streams them from the memory-mapped
 # weights file at each call (same features to the bit, pages shared between processes, slower BERT)
 MEMORY_PRESETS = ("default", "low")
-
-# semantic tokens before a stream's first SoVITS window. The window holds back its last 16 frames
-# (sovits_stream.DEFAULT_OVERLAP), so N tokens emit 2N - 16 frames (20 ms each) and the next window
-# comes 50 tokens later: with 15 tokens, 280 ms of audio must cover 50 decode steps plus a window,
-# which a CUDA GPU does in ~80 ms (~1 ms/token, docs/performance.md); elsewhere (Apple GPUs: 6-10
-# ms/token reported by MLX ports; the CPU) 25 tokens, whose 680 ms cover it
-FIRST_CHUNK_TOKENS_CUDA = 15
-FIRST_CHUNK_TOKENS = 25
-
-
-def default_first_chunk_tokens() -> int:
-    """Tokens before the first stream window on this device (see FIRST_CHUNK_TOKENS_CUDA)."""
-    on_cuda = mx.default_device().type == mx.gpu and not mx.metal.is_available()
-    return FIRST_CHUNK_TOKENS_CUDA if on_cuda else FIRST_CHUNK_TOKENS
-
 
 # a "typical sentence" for warm-up: about 30 Chinese characters (the node's pieces rarely exceed it)
 TYPICAL_SENTENCE_PHONES = 64
@@ -121,9 +107,7 @@ class VoicePrompt:
     seconds: float  # time it took to prepare
 
     def gpt_inputs(self, sentence: PhoneSentence) -> tuple[np.ndarray, mx.array, np.ndarray]:
-        """The GPT's `(phone_ids, bert, prompt_tokens)` for `sentence` spoken in this voice: the
-        transcript's phones and features first. The features are joined on the device (the
-        sentence's may still be lazy there)."""
+        """The GPT's `(phone_ids, bert, prompt_tokens)` for `sentence` in this voice (features joined on the device)."""
         return (np.concatenate([self.prompt_phone_ids, sentence.phone_ids]),
                 mx.concatenate([mx.array(self.prompt_bert), mx.array(sentence.bert)], axis=1), self.prompt_codes)
 
@@ -199,7 +183,7 @@ class Engine:
         if batch_rows is None:
             batch_rows = MAX_BATCH_ROWS if mx.default_device().type == mx.gpu else 1
         self.batch_rows = max(1, int(batch_rows))
-        self.first_chunk_tokens = default_first_chunk_tokens()  # streaming's first window (tokens)
+        self.first_chunk_tokens = default_first_chunk_codes()  # streaming's first window (tokens)
         self._max_loaded = max(1, max_loaded_voices)
         self._models: OrderedDict[tuple[Path, Path], tuple[object, object]] = OrderedDict()
         self._prompts: OrderedDict[tuple, VoicePrompt] = OrderedDict()
@@ -325,15 +309,12 @@ class Engine:
         """Phone ids + BERT features (RoBERTa for Chinese spans, zeros otherwise) of one sentence."""
         feats = []
         for seg in sentence.segments:
-            if seg.needs_bert and seg.word2ph:
-                bert = self.bert()
-                # MLX's RoBERTa leaves the features on the device, unevaluated (Core ML's are numpy)
-                features = getattr(bert, "phone_features_array", bert.phone_features)
+            if seg.needs_bert and seg.word2ph:  # MLX's RoBERTa: lazy, on the device; Core ML's: numpy
+                features = getattr(self.bert(), "phone_features_array", None) or self.bert().phone_features
                 feats.append(mx.array(features(seg.norm_text, seg.word2ph)))
             else:
                 feats.append(mx.zeros((BERT_DIM, len(seg.phone_ids)), mx.float32))
-        return PhoneSentence(sentence.text, np.asarray(sentence.phone_ids, np.int64),
-                             mx.concatenate(feats, axis=1) if len(feats) > 1 else feats[0])
+        return PhoneSentence(sentence.text, np.asarray(sentence.phone_ids, np.int64), mx.concatenate(feats, axis=1))
 
     # ------------------------------------------------------------------ voices
 
@@ -456,8 +437,8 @@ class Engine:
         whole-sentence decode only where a window had not yet seen later tokens. Without it, one
         chunk per sentence from a whole-sentence decode (what `synthesize` joins). Each sentence's
         last chunk carries its `fragment_interval` of silence. Timings are seconds; `elapsed_s` is the
-        time from the call to that chunk (first-audio latency for the first one). MLX's BERT features
-        are lazy (evaluated with the GPT's prefill), so its time counts in `t2s_s`, not `frontend_s`.
+        time from the call to that chunk (first-audio latency for the first one); MLX's BERT is lazy
+        (evaluated with the GPT's prefill): its time counts in `t2s_s`.
 
         Cancellation raises `SynthesisCancelled` within one GPT step (or one SoVITS window): after
         `cancel()` from any thread, or once `is_cancelled()` (the caller's own flag, which also

@@ -287,10 +287,10 @@ def test_engine_streams_chunks_that_the_stream_decoder_gives(engine):
 
 
 def test_the_first_window_follows_the_device_default(engine, monkeypatch):
-    from dora_primespeech_mlx import engine as engine_module
+    from dora_primespeech_mlx.models import sovits_stream
 
-    assert engine.first_chunk_tokens == (engine_module.FIRST_CHUNK_TOKENS_CUDA if ON_CUDA
-                                         else engine_module.FIRST_CHUNK_TOKENS)
+    assert engine.first_chunk_tokens == (sovits_stream.FIRST_CHUNK_CODES_CUDA if ON_CUDA
+                                         else sovits_stream.FIRST_CHUNK_CODES)
     monkeypatch.setattr(engine, "first_chunk_tokens", 12)  # what a CUDA engine does with its 15
     tokens: list[int] = []
     options = SynthesisOptions(max_new_tokens=30, seed=21, fragment_interval=0.0, speed=1.0)

@@ -38,7 +38,8 @@ from .sovits_layers import frame_noise, interpolate_linear
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FLOW_CONTEXT", "VOCODER_CONTEXT", "SoVITSStreamDecoder", "max_window_frames"]
+__all__ = ["FIRST_CHUNK_CODES", "FIRST_CHUNK_CODES_CUDA", "FLOW_CONTEXT", "VOCODER_CONTEXT", "SoVITSStreamDecoder",
+           "default_first_chunk_codes", "max_window_frames"]
 
 # receptive field of the reverse flow on each side, in 50 Hz frames: 4 couplings x 4 WN layers x 2
 FLOW_CONTEXT = 32
@@ -53,6 +54,18 @@ VOCODER_CONTEXT = 12
 # (context) extra vocoded frames per window.
 DEFAULT_OVERLAP = 16
 DEFAULT_CROSSFADE = 8
+# codes before the first window. It emits 2N - DEFAULT_OVERLAP frames (20 ms each), and the next
+# window comes `chunk_codes` (50) later: with 15 codes, 280 ms of audio must cover 50 decode steps
+# plus a window, which a CUDA GPU does in ~80 ms (~1 ms/token, docs/performance.md); elsewhere (Apple
+# GPUs: 6-10 ms/token reported by MLX ports; the CPU) 25 codes, whose 680 ms cover it
+FIRST_CHUNK_CODES_CUDA = 15
+FIRST_CHUNK_CODES = 25
+
+
+def default_first_chunk_codes() -> int:
+    """Codes before the first stream window on this device (see FIRST_CHUNK_CODES_CUDA)."""
+    on_cuda = mx.default_device().type == mx.gpu and not mx.metal.is_available()
+    return FIRST_CHUNK_CODES_CUDA if on_cuda else FIRST_CHUNK_CODES
 
 
 def max_window_frames(first_chunk_codes: int = 25, chunk_codes: int = 50, speed: float = 1.0, *,

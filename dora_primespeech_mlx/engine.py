@@ -310,7 +310,8 @@ class Engine:
         feats = []
         for seg in sentence.segments:
             if seg.needs_bert and seg.word2ph:  # MLX's RoBERTa: lazy, on the device; Core ML's: numpy
-                features = getattr(self.bert(), "phone_features_array", None) or self.bert().phone_features
+                bert = self.bert()
+                features = getattr(bert, "phone_features_array", bert.phone_features)
                 feats.append(mx.array(features(seg.norm_text, seg.word2ph)))
             else:
                 feats.append(mx.zeros((BERT_DIM, len(seg.phone_ids)), mx.float32))

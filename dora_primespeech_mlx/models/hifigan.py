@@ -49,24 +49,27 @@ class Conv1d(nn.Conv1d):
             return self._as_matmul(x)
         if k == 1 or not _on_cpu():
             return super().__call__(x)
-        t_out = x.shape[1] + 2 * self._pad - self._dil * (k - 1)
-        xp = mx.pad(x, [(0, 0), (self._pad, self._pad), (0, 0)]) if self._pad else x
         y = None
-        for j in range(k):
-            tap = xp[:, j * self._dil : j * self._dil + t_out] @ self.weight[:, j, :].T
+        for j, shifted in enumerate(self._taps(x)):
+            tap = shifted @ self.weight[:, j, :].T
             y = tap if y is None else y + tap
         return y + self.bias if "bias" in self else y
 
+    def _taps(self, x: mx.array) -> list[mx.array]:
+        """The input each kernel tap sees: k shifted views of the padded input, each (B, T', C_in)."""
+        k = self.weight.shape[1]
+        if k == 1 and not self._pad:
+            return [x]  # no slice op for the common 1x1 case
+        t_out = x.shape[1] + 2 * self._pad - self._dil * (k - 1)
+        xp = mx.pad(x, [(0, 0), (self._pad, self._pad), (0, 0)]) if self._pad else x
+        return [xp[:, j * self._dil : j * self._dil + t_out] for j in range(k)]
+
     def _as_matmul(self, x: mx.array) -> mx.array:
-        """One matmul: the k shifted copies of the padded input side by side (B, T', k * C_in) against
-        the weight (C_out, k, C_in) read as (C_out, k * C_in)."""
+        """One matmul: the k taps' inputs side by side (B, T', k * C_in) against the weight
+        (C_out, k, C_in) read as (C_out, k * C_in)."""
         c_out, k, c_in = self.weight.shape
-        if k == 1 and self._pad == 0:
-            cols = x
-        else:
-            t_out = x.shape[1] + 2 * self._pad - self._dil * (k - 1)
-            xp = mx.pad(x, [(0, 0), (self._pad, self._pad), (0, 0)]) if self._pad else x
-            cols = mx.concatenate([xp[:, j * self._dil : j * self._dil + t_out] for j in range(k)], axis=-1)
+        taps = self._taps(x)
+        cols = taps[0] if k == 1 else mx.concatenate(taps, axis=-1)
         w = self.weight.reshape(c_out, k * c_in).T
         return mx.addmm(self.bias, cols, w) if "bias" in self else cols @ w
 
